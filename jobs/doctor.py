@@ -1,0 +1,73 @@
+"""Check a Ray cluster before a long run: can its workers import this
+project (installed or shipped as a wheel), what Python, torch and GPUs do
+they have, and do a task and an actor both run? Writes output/doctor.json.
+
+    python jobs/doctor.py
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/doctor.py output=/tmp/doctor
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):
+    import _prelude  # noqa: F401  (makes aesformer importable when run as a script)
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from aesformer.cluster import init_ray
+from aesformer.config import JobConfig
+from aesformer.job import setup
+from aesformer.tracking import Tracker
+
+log = logging.getLogger("doctor")
+
+
+@dataclass
+class DoctorConfig(JobConfig):
+    output: str = "runs/doctor"
+    # matrix size of the actor's checksum computation
+    matmul_n: int = 64
+
+
+def run(cfg: DoctorConfig) -> dict:
+    import torch
+
+    from aesformer.actors.doctor import NodeProbe, describe_worker, probe_task
+
+    tracker = Tracker.start(cfg, "doctor")
+    ray = init_ray(cfg.ray)
+    with tracker.phase("probe"):
+        task_info = ray.get(probe_task.remote(), timeout=300)
+        probe = NodeProbe.remote()
+        actor_info = ray.get(probe.describe.remote(), timeout=300)
+        checksum = ray.get(probe.matmul_checksum.remote(cfg.matmul_n, cfg.seed), timeout=300)
+        ray.kill(probe)
+    g = torch.Generator().manual_seed(cfg.seed)
+    a = torch.randn(cfg.matmul_n, cfg.matmul_n, generator=g)
+    expected = float((a @ a.T).trace())
+    report = {
+        "driver": describe_worker(),
+        "task": task_info,
+        "actor": actor_info,
+        "cluster_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
+        "actor_checksum_matches_driver": abs(checksum - expected) <= 1e-3 * max(1.0, abs(expected)),
+    }
+    report["ok"] = bool(report["actor_checksum_matches_driver"]
+                        and task_info["aesformer_version"] == actor_info["aesformer_version"])
+    path = Path(cfg.output) / "doctor.json"
+    path.write_text(json.dumps(report, indent=2))
+    tracker.log_artifact(path)
+    tracker.log_metrics({"ok": float(report["ok"]), "cluster_cpus": report["cluster_resources"].get("CPU", 0)})
+    tracker.finish()
+    log.info("doctor: %s; report at %s", "OK" if report["ok"] else "PROBLEMS", path)
+    return {"report": str(path), "ok": report["ok"]}
+
+
+def main(argv=None) -> dict:
+    cfg = setup(DoctorConfig, "doctor", argv)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(0 if main()["ok"] else 1)

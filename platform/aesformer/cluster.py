@@ -1,0 +1,79 @@
+"""Ray bootstrap shared by every job.
+
+``init_ray(cfg.ray)`` connects to ``ray.address`` (or RAY_ADDRESS, which
+``ray job submit`` sets) when given, else starts a local Ray on 127.0.0.1
+sized to this machine. When it joins an existing cluster, or when this
+process imported ``aesformer`` from a built wheel rather than an install, it
+ships the project's code to the workers as a wheel in ``py_modules``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+# Environment every worker gets: one torch thread is ~35x faster for tiny
+# models on small machines, and it avoids oversubscription on large ones.
+def worker_env(threads: int = 1) -> dict[str, str]:
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }
+
+
+def _package_is_installed() -> bool:
+    import aesformer
+
+    return not any(part.endswith(".whl") for part in Path(aesformer.__file__).parts)
+
+
+def runtime_env(ray_cfg: Any, ship: bool) -> dict:
+    env: dict = {"env_vars": worker_env(getattr(ray_cfg, "worker_threads", 1))}
+    if ship:
+        from aesformer.shipping import build_wheel
+
+        env["py_modules"] = [str(build_wheel())]
+    return env
+
+
+def init_ray(ray_cfg: Any, *, extra_env: Optional[dict] = None):
+    """Connect to or start Ray once per process; returns the ``ray`` module."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    joining = bool(address) and address != "local"
+    ship = ray_cfg.ship_code and (joining or not _package_is_installed())
+    env = runtime_env(ray_cfg, ship)
+    if extra_env:
+        env["env_vars"].update(extra_env)
+    kwargs: dict = dict(runtime_env=env, log_to_driver=True, logging_level=logging.WARNING)
+    if joining:
+        log.info("joining Ray cluster at %s (shipping code: %s)", address, ship)
+        ray.init(address=address, **kwargs)
+    else:
+        num_cpus = ray_cfg.num_cpus or os.cpu_count() or 1
+        log.info("starting a local Ray with %s CPUs", num_cpus)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=ray_cfg.num_gpus if ray_cfg.num_gpus is not None else None,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            **kwargs,
+        )
+    return ray
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,123 @@
+"""MLflow tracking through one small helper.
+
+The embedded default is a SQLite store with an artifact folder under
+``<output>/mlflow``; any tracking URI can be set with ``tracking.uri=``.
+A training worker attaches to the driver's run with ``Tracker.attach``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from aesformer.config import flatten, to_dict, to_yaml
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def default_uri(output: str | os.PathLike) -> str:
+    return f"sqlite:///{Path(output).resolve() / 'mlflow' / 'mlflow.db'}"
+
+
+class Tracker:
+    """One MLflow run; every call is a no-op when tracking is disabled."""
+
+    def __init__(self, uri: Optional[str], run_id: Optional[str], enabled: bool = True):
+        self.uri = uri
+        self.run_id = run_id
+        self.enabled = enabled and run_id is not None
+        self.timings: dict[str, float] = {}
+        self._client = None
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def start(cls, cfg: Any, job: str) -> "Tracker":
+        """Create the run for a job, log its resolved config as params and YAML."""
+        tc = cfg.tracking
+        if not tc.enabled:
+            return cls(None, None, enabled=False)
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        out = Path(cfg.output)
+        uri = tc.uri or default_uri(out)
+        if uri.startswith("sqlite:///"):
+            (out / "mlflow").mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(tc.experiment)
+        if exp is None:
+            artifacts = (out / "mlflow" / "artifacts").resolve().as_uri() if uri.startswith("sqlite:///") else None
+            exp_id = client.create_experiment(tc.experiment, artifact_location=artifacts)
+        else:
+            exp_id = exp.experiment_id
+        run = client.create_run(exp_id, run_name=tc.run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                tags={"aesformer.job": job, "aesformer.profile": cfg.profile})
+        tracker = cls(uri, run.info.run_id)
+        params = {k: ("" if v is None else str(v))[:500] for k, v in flatten(to_dict(cfg)).items()}
+        tracker.log_params(params)
+        tracker.log_text(to_yaml(cfg), "config.yaml")
+        del mlflow
+        return tracker
+
+    @classmethod
+    def attach(cls, uri: Optional[str], run_id: Optional[str]) -> "Tracker":
+        """Log into an existing run from another process (e.g. a train worker)."""
+        return cls(uri, run_id, enabled=run_id is not None)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self._client.log_batch(self.run_id, metrics=items)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, step: Optional[int] = None) -> Iterator[None]:
+        """Time a phase; logs ``time/<name>`` seconds and keeps the total."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.timings[name] = self.timings.get(name, 0.0) + dt
+            self.log_metrics({f"time/{name}": dt}, step=step)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        p = Path(path)
+        if p.is_dir():
+            self._client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.enabled:
+            self._client.log_text(self.run_id, text, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self.log_params({f"total_time/{k}": f"{v:.3f}" for k, v in self.timings.items()})
+        self._client.set_terminated(self.run_id, status=status)
+        self.enabled = False
