@@ -1,0 +1,123 @@
+"""GRPO math: advantages, KL estimators, aggregation, clipped policy loss."""
+import math
+
+import pytest
+import torch
+
+from aesformer.grpo import (
+    aggregate,
+    entropy_from_logits,
+    group_advantages,
+    kl_loss,
+    kl_penalty,
+    masked_entropy,
+    policy_loss,
+    token_logprobs,
+)
+
+torch.set_num_threads(1)
+
+
+def test_group_advantages_hand_computed():
+    adv = group_advantages([1, 2, 3, 4, 0, 0, 0, 0], 4)
+    # group 1: mean 2.5, Bessel std sqrt(5/3) = 1.2909944; group 2 identical → zeros
+    s = math.sqrt(5 / 3)
+    expected = torch.tensor([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s, 0, 0, 0, 0])
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert adv[0].item() == pytest.approx(-1.161895, abs=1e-5)
+    assert not torch.isnan(adv).any()
+
+
+def test_group_advantages_mean_only_and_bad_sizes():
+    adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 1.0]), 3, scale=False)
+    assert torch.allclose(adv, torch.tensor([-1.0, 0.0, 1.0, 4 - 5 / 3, -5 / 3, 1 - 5 / 3]))
+    assert torch.equal(group_advantages([0.3, 0.9], 1), torch.zeros(2))
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages([1, 2, 3], 4)
+
+
+def test_kl_estimators_hand_computed():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0])
+    assert torch.allclose(kl_penalty(logp, ref, "k1"), torch.tensor([1.0, -1.0]))
+    assert torch.allclose(kl_penalty(logp, ref, "k2"), torch.tensor([0.5, 0.5]))
+    # k3: exp(ref-logp) - (ref-logp) - 1 → e^-1 + 1 - 1 = 0.367879, e^1 - 1 - 1 = 0.718282
+    k3 = kl_penalty(logp, ref, "k3")
+    assert torch.allclose(k3, torch.tensor([math.exp(-1), math.e - 2]), atol=1e-6)
+    assert torch.equal(kl_penalty(logp, ref, "low_var_kl"), k3)
+    assert torch.equal(kl_penalty(logp, logp, "k3"), torch.zeros(2))
+
+
+def test_k3_is_clamped():
+    # ref - logp = 30 → clamped to 20 → e^20 - 21, then clamped to 10
+    assert kl_penalty(torch.tensor([-40.0]), torch.tensor([-10.0]), "k3").item() == 10.0
+    # ref - logp = -30 → clamped to -20 → e^-20 + 20 - 1 ≈ 19 → clamped to 10
+    assert kl_penalty(torch.tensor([-10.0]), torch.tensor([-40.0]), "k3").item() == 10.0
+    with pytest.raises(ValueError, match="k4"):
+        kl_penalty(torch.zeros(1), torch.zeros(1), "k4")
+
+
+def test_aggregate_token_mean_and_seq_mean_token_mean():
+    values = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate(values, mask, "token-mean").item() == pytest.approx(16 / 4)
+    assert aggregate(values, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 10) / 2)
+    assert aggregate(values, mask, "token-mean", normalizer=8).item() == pytest.approx(16 / 8)
+    assert aggregate(values, torch.zeros_like(mask), "token-mean").item() == 0.0
+    with pytest.raises(ValueError, match="seq-sum"):
+        aggregate(values, mask, "seq-sum")
+
+
+def test_policy_loss_gradient_on_policy_equals_minus_advantage_logprob_token_mean():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    adv = torch.tensor([0.7, -1.2, 0.4])
+
+    logp = token_logprobs(logits, labels)
+    loss, metrics = policy_loss(logp, logp.detach(), adv, mask, clip_ratio=0.2)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    logp2 = token_logprobs(logits, labels)
+    reference = -(adv[:, None] * logp2 * mask).sum() / mask.sum()
+    (grad_ref,) = torch.autograd.grad(reference, logits)
+
+    assert torch.allclose(grad, grad_ref, atol=1e-6)
+    assert loss.item() == pytest.approx(-(adv[:, None] * mask).sum().item() / 9, abs=1e-6)
+    assert metrics == {"clip_frac": 0.0, "approx_kl": 0.0}
+
+
+def test_policy_loss_clips_and_reports_clip_fraction():
+    old = torch.zeros(1, 2)
+    logp = torch.tensor([[math.log(1.5), math.log(1.1)]])  # ratios 1.5 (clipped) and 1.1
+    loss, metrics = policy_loss(logp, old, torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), clip_ratio=0.2)
+    # per token: -min(1.5, 1.2) = -1.2 and -1.1 → mean -1.15
+    assert loss.item() == pytest.approx(-1.15, abs=1e-6)
+    assert metrics["clip_frac"] == pytest.approx(0.5)
+    assert metrics["approx_kl"] == pytest.approx(-(math.log(1.5) + math.log(1.1)) / 2)
+    # a negative advantage on a ratio below 1 - eps is clipped too
+    loss, m = policy_loss(torch.tensor([[math.log(0.5)]]), torch.zeros(1, 1), torch.tensor([-2.0]), torch.ones(1, 1))
+    assert loss.item() == pytest.approx(2.0 * 0.8) and m["clip_frac"] == 1.0
+
+
+def test_kl_loss_is_masked_token_mean_of_k3():
+    logp = torch.tensor([[-1.0, -2.0, -5.0]])
+    ref = torch.tensor([[-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert kl_loss(logp, ref, mask).item() == pytest.approx((math.exp(-1) + math.e - 2) / 2, abs=1e-6)
+
+
+def test_token_logprobs_matches_log_softmax_and_ignores_negative_labels():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[0, 6, 3], [2, -100, 5]])
+    got = token_logprobs(logits, labels)
+    full = torch.log_softmax(logits, -1)
+    assert torch.allclose(got[0], full[0, [0, 1, 2], [0, 6, 3]], atol=1e-6)
+    assert got[1, 1].item() == 0.0 and got.shape == (2, 3)
+
+
+def test_entropy_of_uniform_logits_is_log_vocab():
+    logits = torch.zeros(2, 4, 8)
+    assert torch.allclose(entropy_from_logits(logits), torch.full((2, 4), math.log(8)))
+    assert masked_entropy(logits, torch.ones(2, 4)).item() == pytest.approx(math.log(8))
