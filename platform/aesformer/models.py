@@ -12,10 +12,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-# The plan's 14 tag strings, for when aesformer.actions is not importable.
-_PLAN_TAGS = ("Ratio", "Composition", "Camera", "Position", "Pose", "Focus", "Color")
-_FALLBACK_PLAN_TOKENS = tuple(t for tag in _PLAN_TAGS for t in (f"<{tag}>", f"</{tag}>"))
-SCORE_TOKENS = ("0", "1", "2", "3", "4", "5")
+from aesformer.rewards import SCORE_TOKENS  # the judge digits, defined once
+
 IGNORE_INDEX = -100
 
 # owner/name or a bare name, as the hub spells repositories.
@@ -82,15 +80,6 @@ def _tokenizer(processor_or_tokenizer: Any) -> Any:
     return getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
 
 
-def plan_tokens() -> tuple[str, ...]:
-    """The 14 tag strings (from aesformer.actions when available)."""
-    try:
-        from aesformer.actions import SPECIAL_TOKENS
-    except ImportError:  # the core library is optional here
-        return _FALLBACK_PLAN_TOKENS
-    return tuple(SPECIAL_TOKENS)
-
-
 def add_plan_tokens(model: Any, processor: Any, pad_to_multiple_of: int = 64) -> int:
     """Add the plan's tag tokens to the tokenizer and grow the model's embeddings.
 
@@ -104,9 +93,10 @@ def add_plan_tokens(model: Any, processor: Any, pad_to_multiple_of: int = 64) ->
     never shrinks: real Qwen checkpoints already have spare rows past the
     tokenizer's length. Returns how many tokens were new to the tokenizer.
     """
-    tokens = plan_tokens()
+    from aesformer.actions import add_plan_tokens as add_tag_tokens
+
     tokenizer = _tokenizer(processor)
-    added = tokenizer.add_tokens(list(tokens), special_tokens=False)
+    added = add_tag_tokens(tokenizer)
     needed = len(tokenizer)
     current = model.get_input_embeddings().weight.shape[0]
     if needed > current:
