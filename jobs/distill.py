@@ -1,0 +1,374 @@
+"""Action distillation: give every (poor, good) pair a validated seven-dimension plan.
+
+Reads an AesRecon dataset (VCMP's output), finds the transcript of each
+pair's segment (subtitles, else Whisper speech recognition in a Ray actor
+pool), asks a teacher for the plan that turns the poor photo into the good
+one (``measured``: from the pixels; ``openai``: any OpenAI-compatible
+endpoint; ``local``: a VLM in a Ray actor pool), checks it with the
+validator (format, all seven dimensions, the measured geometry, a judge
+model) and sends failures back with feedback, up to ``validator.max_rounds``
+rounds. Everything is cached under ``output/`` so a rerun pays nothing twice
+and an interrupted run resumes. Writes the dataset with plans
+(``output/pairs``), the rejects with reasons, every attempt, a summary and
+the SFT chat-format export (``output/sft``).
+
+    python jobs/distill.py input=runs/vcmp/pairs output=runs/distill
+    python jobs/distill.py input=... teacher.kind=openai teacher.openai.model=gpt-4o budget.max_requests=2000
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):
+    import _prelude  # noqa: F401  (makes aesformer importable when run as a script)
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from aesformer.cluster import init_ray
+from aesformer.config import ConfigError, JobConfig
+from aesformer.distill.settings import (BudgetConfig, JUDGE_KINDS, TEACHER_KINDS, TeacherConfig, TranscriptConfig,
+                                        ValidatorConfig)
+from aesformer.job import setup
+from aesformer.tracking import Tracker
+
+log = logging.getLogger("distill")
+
+
+@dataclass
+class DistillConfig(JobConfig):
+    # the AesRecon dataset to distill: a folder of pair shards (VCMP's output)
+    input: Optional[str] = None
+    output: str = "runs/distill"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    validator: ValidatorConfig = field(default_factory=ValidatorConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    transcript: TranscriptConfig = field(default_factory=TranscriptConfig)
+    # pairs per batch through transcripts → measurement → teacher/validator rounds
+    chunk_size: int = 32
+    # distill at most this many pairs (null: all)
+    limit: Optional[int] = None
+    shard_rows: int = 256
+    # SFT chat-format export of the accepted pairs (of this split; null: every pair)
+    sft: bool = True
+    sft_split: Optional[str] = "train"
+
+
+def check_config(cfg: DistillConfig) -> Path:
+    """Fail early, naming the key, on what a user must fix; returns the input folder."""
+    from aesformer.data import finished_shards
+
+    if not cfg.input:
+        raise ConfigError("distill needs input=<AesRecon dataset folder>, e.g. input=runs/vcmp/pairs "
+                          "(the pairs VCMP wrote)")
+    if cfg.teacher.kind not in TEACHER_KINDS:
+        raise ConfigError(f"teacher.kind must be one of {', '.join(TEACHER_KINDS)}, got '{cfg.teacher.kind}'")
+    if cfg.validator.judge not in JUDGE_KINDS:
+        raise ConfigError(f"validator.judge must be one of {', '.join(JUDGE_KINDS)}, got '{cfg.validator.judge}'")
+    if cfg.validator.max_rounds < 1:
+        raise ConfigError("validator.max_rounds must be at least 1")
+    if cfg.chunk_size < 1:
+        raise ConfigError("chunk_size must be at least 1")
+    folder = Path(cfg.input).expanduser()
+    for candidate in (folder, folder / "pairs"):
+        if finished_shards(candidate):
+            return candidate.resolve()
+    if not folder.exists():
+        raise ConfigError(f"input '{cfg.input}' does not exist")
+    raise ConfigError(f"input '{cfg.input}' holds no AesRecon pair shards (part-*.parquet), nor does its pairs/ folder")
+
+
+def chunks(rows: Iterator[dict], size: int, limit: Optional[int]) -> Iterator[list[dict]]:
+    batch, seen = [], 0
+    for row in rows:
+        if limit is not None and seen >= limit:
+            break
+        batch.append(row)
+        seen += 1
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run(cfg: DistillConfig) -> dict:
+    """Distills ``cfg.input`` into ``cfg.output``; returns the paths written and the summary."""
+    from aesformer.actors.distill_actors import Backends, WhisperPool, make_teacher, make_validator, measure_many
+    from aesformer.data import PairError, decode_image, iter_pairs
+    from aesformer.distill.cache import FINAL, PlanCache, content_hash, plan_key
+    from aesformer.distill.chat import Budget
+    from aesformer.distill.loop import LoopResult, feedback_loop, resume_task
+    from aesformer.distill.teachers import MEASURED_VERSION, PairTask
+    from aesformer.distill.transcript import VideoLocator, gather_transcripts
+    from aesformer.models import resolve_model
+
+    source = check_config(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker.start(cfg, "distill")
+    budget = Budget(cfg.budget.max_requests, cfg.budget.max_tokens)
+    backends = Backends(budget, cfg.models.cache_dir, cfg.ray.worker_threads)
+    cache = PlanCache(out / "cache.sqlite")
+    asr = None
+    status = "FAILED"
+    try:
+        init_ray(cfg.ray)
+        with tracker.phase("start_models"):
+            teacher = make_teacher(cfg.teacher, cfg.models, backends)
+            validator = make_validator(cfg.validator, cfg.models, backends)
+        settings = {"teacher": teacher.settings(), "validator": validator.settings()}
+        log.info("teacher: %s; validator: %s", settings["teacher"], settings["validator"])
+        locator = VideoLocator([cfg.transcript.videos] if cfg.transcript.videos else [])
+        asr_model = ""
+        if cfg.transcript.enabled and cfg.transcript.asr:
+            asr_model = cfg.transcript.model
+            asr = WhisperPool(resolve_model(asr_model, cfg.models.cache_dir, config_key="transcript.model"),
+                              cfg.transcript, cfg.ray.worker_threads)
+
+        total = LoopResult()
+        keys: dict[str, dict] = {}  # pair id → {"key", "transcript", "source", "reason"}
+        reused = seen = 0
+        t0 = time.perf_counter()
+        n_input = _count_rows(source)
+        n_target = n_input if cfg.limit is None else min(n_input, cfg.limit)
+        for step, rows in enumerate(chunks(iter_pairs(source), cfg.chunk_size, cfg.limit)):
+            seen += len(rows)
+            with tracker.phase("transcripts", step):
+                texts = gather_transcripts(rows, locator, cache, enabled=cfg.transcript.enabled,
+                                           asr=asr.transcribe if asr else None, asr_model=asr_model)
+            tasks: list[PairTask] = []
+            for row, tr in zip(rows, texts):
+                key = plan_key(row["poor_image"], row["good_image"], tr["text"], settings)
+                keys[row["id"]] = {"key": key, "transcript": tr["text"], "source": tr.get("source"),
+                                   "code": tr.get("code"), "reason": tr.get("reason")}
+                decided = cache.outcome(key)
+                if decided and decided["status"] in FINAL:
+                    reused += 1
+                    continue
+                if decided and decided["status"] == "failed":
+                    cache.restart(key)  # the teacher or judge was unreachable last time: try again
+                try:
+                    poor = decode_image(row["poor_image"], row=row["id"], field="poor_image")
+                    good = decode_image(row["good_image"], row=row["id"], field="good_image")
+                except PairError as e:
+                    cache.finish(key, row["id"], "rejected", {"pair_id": row["id"], "reason": "bad_input",
+                                                              "feedback": str(e), "rounds": 0})
+                    total.rejected["bad_input"] += 1
+                    continue
+                tasks.append(resume_task(PairTask(key, row["id"], poor, good, tr["text"]), cache))
+
+            with tracker.phase("measure", step):
+                _attach_measurements(tasks, rows, cache, cfg.teacher.measure_max_side, measure_many, content_hash,
+                                     MEASURED_VERSION)
+            with tracker.phase("teach_validate", step):
+                result = feedback_loop(tasks, teacher, validator, cache, max_rounds=cfg.validator.max_rounds)
+            total.merge(result)
+            _progress(seen, n_target, total, reused, budget, t0)
+            tracker.log_metrics({"distill/accepted": total.accepted, "distill/rejected": sum(total.rejected.values()),
+                                 "distill/failed": sum(total.failed.values()), "distill/requests": budget.requests,
+                                 "distill/tokens": budget.tokens, "distill/reused": reused}, step=step)
+            if result.stopped:
+                log.warning("stopping: %s; writing everything finished so far", result.stopped)
+                break
+
+        with tracker.phase("write"):
+            written = write_outputs(cfg, source, out, cache, keys, settings)
+        summary = make_summary(cfg, source, out, cache, keys, total, budget, reused, seen, n_input, written)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        tracker.log_metrics({"distill/final_accepted": summary["accepted"], "distill/final_rejected":
+                             sum(summary["rejected"].values()), "distill/pending": summary["pending"]})
+        tracker.log_artifact(out / "summary.json")
+        log.info("distill: %d accepted, %s rejected, %s failed, %d pending; %d requests%s → %s",
+                 summary["accepted"], dict(summary["rejected"]), dict(summary["failed"]), summary["pending"],
+                 budget.requests, f" (stopped: {summary['stopped']})" if summary["stopped"] else "", out)
+        status = "FINISHED"
+        return {"output": str(out), "dataset": written["dataset"], "rejects": written["rejects_jsonl"],
+                "attempts": written["attempts"], "summary": summary, "sft": written.get("sft")}
+    finally:
+        backends.shutdown()
+        if asr is not None:
+            asr.shutdown()
+        cache.close()
+        tracker.finish(status)
+
+
+# -- steps ------------------------------------------------------------------------------
+
+def _count_rows(folder: Path) -> int:
+    import pyarrow.parquet as pq
+
+    from aesformer.data import finished_shards
+
+    return sum(pq.ParquetFile(s).metadata.num_rows for s in finished_shards(folder))
+
+
+def _attach_measurements(tasks, rows, cache, max_side, measure_many, content_hash, version) -> None:
+    """Each task's measured change, from the cache or measured now in parallel Ray tasks."""
+    by_id = {r["id"]: r for r in rows}
+    todo = []
+    for t in tasks:
+        row = by_id[t.pair_id]
+        mkey = content_hash(b"measure", version, max_side, row["poor_image"], row["good_image"])
+        t.measurement = cache.measurement(mkey)
+        if t.measurement is None:
+            todo.append((t, mkey, row))
+    if not todo:
+        return
+    for (t, mkey, _), m in zip(todo, measure_many([(r["poor_image"], r["good_image"]) for _, _, r in todo], max_side)):
+        if "error" in m:
+            log.warning("pair %s could not be measured: %s", t.pair_id, m["error"])
+            t.measurement = None
+            continue
+        cache.put_measurement(mkey, m)
+        t.measurement = m
+
+
+def _progress(seen: int, target: int, total, reused: int, budget, t0: float) -> None:
+    dt = time.perf_counter() - t0
+    rate = seen / dt * 60 if dt > 0 else 0.0
+    eta = (target - seen) / (seen / dt) if seen and dt > 0 else 0.0
+    log.info("distill: %d/%d pairs · accepted %d · rejected %d · failed %d · reused %d · %d requests · "
+             "%.1f pairs/min · ETA %.0fs", seen, target, total.accepted, sum(total.rejected.values()),
+             sum(total.failed.values()), reused, budget.requests, rate, eta)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put a freshly written folder in place of the old one."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_jsonl(path: Path, records) -> int:
+    tmp = path.with_name(f".{path.name}.tmp")
+    n = 0
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def write_outputs(cfg: DistillConfig, source: Path, out: Path, cache, keys: dict, settings: dict) -> dict:
+    """The dataset with plans, the rejects (Parquet and JSONL), every attempt
+    and the SFT export, rebuilt from the cache (so they always agree with it)."""
+    from aesformer.data import ShardWriter, export_sft_json, iter_pairs, make_provenance
+
+    prov_cfg = dataclasses.asdict(cfg)
+    pairs_tmp, rejects_tmp = out / ".pairs.tmp", out / ".rejects.tmp"
+    for d in (pairs_tmp, rejects_tmp):
+        shutil.rmtree(d, ignore_errors=True)
+    reject_records = []
+    splits = Counter()
+    with ShardWriter(pairs_tmp, shard_rows=cfg.shard_rows) as pairs, \
+            ShardWriter(rejects_tmp, shard_rows=cfg.shard_rows) as rejects:
+        for row in iter_pairs(source):
+            info = keys.get(row["id"])
+            decided = cache.outcome(info["key"]) if info else None
+            if decided is None or decided["status"] not in ("accepted", "rejected", "failed"):
+                continue
+            rec = decided["record"]
+            new = dict(row)
+            new["transcript"] = info["transcript"] or row.get("transcript")
+            new["provenance"] = make_provenance("distill", {"distill": prov_cfg, "source": row.get("provenance")})
+            scores = list(row.get("scores") or [])
+            decisions = list(row.get("decisions") or [])
+            decisions.append({"stage": "transcript", "decision": info["source"] or "none",
+                              "reason": info["reason"]})
+            if decided["status"] == "accepted":
+                new["plan"] = rec["plan"]
+                scores.append({"name": "distill_rounds", "value": float(rec["rounds"])})
+                if rec.get("judge_score") is not None:
+                    scores.append({"name": "distill_judge", "value": float(rec["judge_score"])})
+                decisions.append({"stage": "distill", "decision": "keep",
+                                  "reason": f"accepted in round {rec['rounds']} (teacher {rec.get('teacher')})"})
+                new["scores"], new["decisions"] = scores, decisions
+                pairs.write(new)
+                splits[row.get("split")] += 1
+            else:
+                reason = rec.get("reason") or "unknown"
+                decisions.append({"stage": "distill", "decision": "drop" if decided["status"] == "rejected" else "retry",
+                                  "reason": f"{reason}: {rec.get('feedback') or ''}".strip(": ")[:2000]})
+                new["plan"], new["scores"], new["decisions"] = None, scores or None, decisions
+                rejects.write(new)
+                reject_records.append({"id": row["id"], "video_id": row.get("video_id"), "status": decided["status"],
+                                       "reason": reason, "feedback": rec.get("feedback"), "rounds": rec.get("rounds"),
+                                       "last_text": rec.get("last_text")})
+    _replace_dir(pairs_tmp, out / "pairs")
+    _replace_dir(rejects_tmp, out / "rejects")
+    written = {"dataset": str(out / "pairs"), "rejects": str(out / "rejects"),
+               "rejects_jsonl": str(out / "rejects.jsonl"), "attempts": str(out / "attempts.jsonl"),
+               "accepted_rows": sum(splits.values())}
+    _write_jsonl(out / "rejects.jsonl", reject_records)
+    _write_jsonl(out / "attempts.jsonl", cache.all_attempts())
+    if cfg.sft:
+        split = cfg.sft_split
+        if split is not None and splits and not splits.get(split) and set(splits) == {None}:
+            log.warning("no accepted pair has a split; the SFT export takes them all (set sft_split=null to silence)")
+            split = None
+        shutil.rmtree(out / "sft", ignore_errors=True)
+        written["sft"] = export_sft_json(out / "pairs", out / "sft", split=split)
+        written["sft"]["split"] = split
+    return written
+
+
+def make_summary(cfg, source, out, cache, keys, total, budget, reused, seen, n_input, written) -> dict:
+    accepted, rejected, failed = 0, Counter(), Counter()
+    rounds = Counter()
+    for info in keys.values():
+        decided = cache.outcome(info["key"])
+        if decided is None:
+            continue
+        rec = decided["record"]
+        if decided["status"] == "accepted":
+            accepted += 1
+        elif decided["status"] == "rejected":
+            rejected[rec.get("reason") or "unknown"] += 1
+        else:
+            failed[rec.get("reason") or "unknown"] += 1
+        if rec.get("rounds"):
+            rounds[str(rec["rounds"])] += 1
+    decided_n = accepted + sum(rejected.values()) + sum(failed.values())
+    sources = Counter(info["source"] or "none" for info in keys.values())
+    no_transcript = Counter(info["code"] or "unknown" for info in keys.values() if not info["transcript"])
+    all_requests = 0
+    for a in cache.all_attempts():
+        all_requests += int((a.get("usage") or {}).get("requests") or 0) + int((a.get("judge") or {}).get("requests") or 0)
+    return {
+        "input": str(source), "output": str(out), "pairs_in_input": n_input, "pairs_seen": seen,
+        "accepted": accepted, "rejected": dict(rejected), "failed": dict(failed),
+        "pending": (n_input if cfg.limit is None else min(n_input, cfg.limit)) - decided_n,
+        "rounds_used": dict(sorted(rounds.items(), key=lambda kv: int(kv[0]))),
+        "mean_rounds": round(sum(int(k) * v for k, v in rounds.items()) / max(1, sum(rounds.values())), 3),
+        "requests": {"this_run": budget.snapshot(), "all_runs": all_requests},
+        "attempts_this_run": total.attempts, "reused_from_cache": reused,
+        "stopped": total.stopped, "transcripts": dict(sources), "transcript_missing": dict(no_transcript),
+        "teacher": cfg.teacher.kind, "judge": cfg.validator.judge, "max_rounds": cfg.validator.max_rounds,
+        "dataset": written["dataset"], "rejects": written["rejects_jsonl"], "attempts": written["attempts"],
+        "sft": written.get("sft"),
+    }
+
+
+def main(argv=None) -> dict:
+    cfg = setup(DistillConfig, "distill", argv)
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        print(f"distill: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
