@@ -1,0 +1,227 @@
+"""Editor actors of the LoRA job: the cache encoder pool and the validation renderer.
+
+:class:`CacheEncoder` is a Ray Data callable (run as an actor pool): for each
+(poor, good, plan) pair it computes what the transformer is trained on, with
+the pipeline's own methods (:mod:`aesformer.editor`), so the cached tensors
+are exactly what inference feeds the transformer:
+
+- ``target``: VAE latents of the good image, centre-cropped and resized to
+  its aspect bucket;
+- ``control``: VAE latents of the poor image at the control area;
+- ``prompt``: the text condition of the plan with the poor image in it.
+
+Each batch is written as its own Parquet shard (one row per row group, so a
+training worker reads single rows) under ``<cache>/<settings hash>/``, keyed
+by the content hash of the pair. A second run over the same data finds every
+key and starts no encoder.
+
+:class:`ValidationRenderer` holds the full pipeline (the training workers
+load only the transformer) and renders fixed validation pairs with the
+LoRA weights of a given step: a grid poor | edited | good, logged to MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "editor-cache/1"
+CACHE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # content hash of (poor, good, plan)
+        pa.field("id", pa.string()),  # the pair's id
+        pa.field("tensors", pa.binary(), nullable=False),  # safetensors bytes: target, control, prompt
+        pa.field("target_w", pa.int32()), pa.field("target_h", pa.int32()),  # pixels
+        pa.field("control_w", pa.int32()), pa.field("control_h", pa.int32()),
+        pa.field("prompt_len", pa.int32()),
+    ],
+    metadata={"aesformer.schema": CACHE_VERSION},
+)
+
+
+def content_key(poor: bytes, good: bytes, plan: str) -> str:
+    h = hashlib.sha256()
+    for part in (poor, good, (plan or "").encode()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:32]
+
+
+def _file_hash(path: Path) -> Optional[str]:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+
+
+def encoder_settings(editor_path: str, *, dtype: str, control_area: int, condition_area: int,
+                     target_area: int, aspects: Iterable[float]) -> dict:
+    """Everything the cached tensors depend on besides the pair itself."""
+    root = Path(editor_path)
+    return {
+        "format": CACHE_VERSION,
+        "editor": str(editor_path),
+        # the encoders' configs (and weights index) of a local model: a rebuilt model gets a new cache
+        "vae": _file_hash(root / "vae" / "config.json"),
+        "text_encoder": _file_hash(root / "text_encoder" / "config.json"),
+        "processor": _file_hash(root / "processor" / "preprocessor_config.json"),
+        "vae_weights": _file_hash(root / "vae" / "diffusion_pytorch_model.safetensors"),
+        "dtype": dtype, "control_area": int(control_area), "condition_area": int(condition_area),
+        "target_area": int(target_area), "aspects": [round(float(a), 6) for a in aspects],
+    }
+
+
+def settings_folder(cache_dir: str, settings: Mapping) -> Path:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir).expanduser() / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = folder / "settings.json"
+    if not meta.exists():
+        meta.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    return folder
+
+
+def cache_index(folder: Path) -> dict[str, dict]:
+    """key → {shard, row, sizes} over the finished shards of a cache folder."""
+    import pyarrow.parquet as pq
+
+    from aesformer.data import finished_shards
+
+    index: dict[str, dict] = {}
+    cols = ["key", "id", "target_w", "target_h", "control_w", "control_h", "prompt_len"]
+    for shard in finished_shards(folder):
+        for i, row in enumerate(pq.read_table(shard, columns=cols).to_pylist()):
+            index[row["key"]] = {**row, "shard": str(shard), "row": i}
+    return index
+
+
+def save_tensors(tensors: Mapping[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
+def load_tensors(blob: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(bytes(blob))
+
+
+class CacheEncoder:
+    """Ray Data callable: (key, id, poor_image, good_image, plan) batches →
+    cached tensors written as one shard per batch; returns (key, id, shard, encoded)."""
+
+    def __init__(self, editor_path: str, cache_folder: str, *, control_area: int, condition_area: int,
+                 target_area: int, aspects: Iterable[float], dtype: str = "float32", device: str = "auto",
+                 editor_name: Optional[str] = None, offload: bool = False):
+        import torch
+
+        from aesformer.data import ShardWriter
+        from aesformer.editor import Editor
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self.editor = Editor.load(editor_path, control_area=control_area, condition_area=condition_area,
+                                  dtype=dtype, device=device, name=editor_name, offload=offload)
+        self.target_area, self.aspects = int(target_area), tuple(aspects)
+        # one writer per actor, its own shard prefix: actors never touch each other's files
+        self.writer = ShardWriter(cache_folder, CACHE_SCHEMA, shard_rows=1 << 30, id_field="key",
+                                  prefix=f"enc{uuid.uuid4().hex[:8]}", row_group_rows=1)
+
+    def encode(self, poor_bytes: bytes, good_bytes: bytes, plan: str) -> dict:
+        from aesformer.data import decode_image
+        from aesformer.editor import bucket_size, fit_image
+        from aesformer.pipeline import edit_prompt
+
+        poor, good = decode_image(poor_bytes), decode_image(good_bytes)
+        tw, th = bucket_size(good.width, good.height, self.target_area, self.aspects)
+        target = self.editor.encode_image(fit_image(good, (tw, th)), tw, th)[0]
+        cw, ch = self.editor.control_size(poor)
+        control = self.editor.encode_image(poor, cw, ch)[0]
+        embeds, mask = self.editor.encode_prompt(poor, edit_prompt(plan))
+        embeds = embeds[0] if mask is None else embeds[0][mask[0].bool()]
+        return {"tensors": save_tensors({"target": target, "control": control, "prompt": embeds}),
+                "target_w": tw, "target_h": th, "control_w": cw, "control_h": ch, "prompt_len": embeds.shape[0]}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist() if isinstance(batch, pa.Table) else batch
+        out = []
+        for r in rows:
+            enc = self.encode(r["poor_image"], r["good_image"], r["plan"])
+            self.writer.write({"key": r["key"], "id": r["id"], **enc})
+            out.append({"key": r["key"], "id": r["id"]})
+        shard = self.writer.flush()
+        return pa.Table.from_pylist([{**o, "shard": str(shard), "encoded": 1} for o in out])
+
+
+class ValidationRenderer:
+    """Renders the fixed validation pairs with the LoRA weights of a step.
+
+    ``pairs``: dicts with id, poor_image, good_image (encoded bytes), plan,
+    width, height (the target bucket). The LoRA is applied as in training
+    (peft adapter + state dict), not through the exported file, so comparing
+    its output with a pipeline that loads the export checks the export.
+    """
+
+    def __init__(self, editor_path: str, out_dir: str, pairs: list[dict], *, control_area: int,
+                 condition_area: int, lora: Mapping, steps: int, true_cfg_scale: float,
+                 negative_prompt: Optional[str], seed: int, dtype: str = "float32", device: str = "auto",
+                 tracking: Optional[Mapping] = None, editor_name: Optional[str] = None, offload: bool = False):
+        import torch
+
+        from aesformer.editor import Editor, lora_config
+        from aesformer.tracking import Tracker
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self.editor = Editor.load(editor_path, control_area=control_area, condition_area=condition_area,
+                                  dtype=dtype, device=device, name=editor_name, offload=offload)
+        self.editor.pipe.transformer.add_adapter(lora_config(lora["rank"], lora["alpha"], tuple(lora["targets"])))
+        self.pairs, self.out_dir = pairs, Path(out_dir)
+        self.steps, self.cfg, self.negative, self.seed = steps, true_cfg_scale, negative_prompt, seed
+        self.tracker = Tracker.attach(**tracking) if tracking else None
+
+    def render(self, lora_state: Mapping, step: int, tag: Optional[str] = None) -> dict:
+        from peft.utils import set_peft_model_state_dict
+
+        from aesformer.data import decode_image
+        from aesformer.pipeline import edit_prompt
+
+        set_peft_model_state_dict(self.editor.pipe.transformer, dict(lora_state))
+        name = tag or f"step_{step:08d}"
+        folder = self.out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for p in self.pairs:
+            poor, good = decode_image(p["poor_image"]), decode_image(p["good_image"])
+            edited = self.editor.edit(poor, edit_prompt(p["plan"]), seed=self.seed, steps=self.steps,
+                                      true_cfg_scale=self.cfg, negative_prompt=self.negative,
+                                      height=p["height"], width=p["width"])
+            edited.save(folder / f"{p['id']}.png")
+            rows.append((poor, edited, good))
+        grid_path = self.out_dir / f"{name}.png"
+        image_grid(rows).save(grid_path)
+        if self.tracker is not None:
+            self.tracker.log_artifact(grid_path, "validation")
+        return {"grid": str(grid_path), "images": str(folder), "step": step}
+
+
+def image_grid(rows: list[tuple], height: int = 160, pad: int = 4):
+    """One row per pair: poor | edited | good, each scaled to ``height``."""
+    from PIL import Image
+
+    def scaled(im):
+        return im.resize((max(1, round(im.width * height / im.height)), height))
+
+    rows = [[scaled(im) for im in r] for r in rows]
+    width = max(sum(im.width for im in r) + pad * (len(r) + 1) for r in rows)
+    grid = Image.new("RGB", (width, len(rows) * (height + pad) + pad), "white")
+    for i, r in enumerate(rows):
+        x = pad
+        for im in r:
+            grid.paste(im, (x, pad + i * (height + pad)))
+            x += im.width + pad
+    return grid
