@@ -1,0 +1,358 @@
+"""VCMP: mine (poor, good) photo pairs from photography-tutorial videos.
+
+One streaming Ray Data job (DESIGN.md §2). A first, light pass lists the
+inputs, hashes and probes every file (a broken one is quarantined in the
+rejects table with its reason) and dedupes by video id and content. Then
+the videos stream through: screening (manifest rules + VLM) → event
+segmentation → 2 fps sampling with cheap prefilters → VLM good-frame judge →
+coarse pairs → good-image filtering (IQA, aesthetic, VLM blur check) →
+overlay removal on the poor frame (editor, verified, retried) → strict
+alignment (VLM + ORB/RANSAC). The driver writes pairs as they arrive into an
+AesRecon dataset (aesformer.data shards, split by video), then a funnel
+report and a contact sheet. Rerunning skips finished videos; a killed run
+resumes without duplicates or lost pairs.
+
+    python jobs/vcmp.py input=runs/samples output=runs/vcmp
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):
+    import _prelude  # noqa: F401  (makes aesformer importable when run as a script)
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from aesformer.cluster import init_ray
+from aesformer.config import JobConfig
+from aesformer.job import setup
+from aesformer.tracking import Tracker
+from aesformer.vcmp.settings import (AlignConfig, GoodFrameConfig, IngestConfig, OverlayConfig, PoolsConfig,
+                                     PrefilterConfig, QualityConfig, SampleConfig, ScreenConfig, SegmentConfig,
+                                     SplitConfig)
+
+log = logging.getLogger("vcmp")
+
+
+@dataclass
+class VcmpConfig(JobConfig):
+    output: str = "runs/vcmp"
+    # a folder of videos (searched recursively), a text file of paths, or a manifest (.jsonl/.csv)
+    input: Optional[str] = None
+    # optional manifest: video_id, title, source, file, subtitles (a folder's manifest.jsonl is used by default)
+    manifest: Optional[str] = None
+    # VLM engine: hf (transformers), vllm (GPU) or auto
+    engine: str = "auto"
+    # images shown to the VLM judge are downscaled to at most this many pixels (null: the processor's default)
+    judge_max_pixels: Optional[int] = None
+    # vLLM tensor parallel size of the judge (its pool actors should hold as many GPUs)
+    judge_tensor_parallel: int = 1
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
+    good_frame: GoodFrameConfig = field(default_factory=GoodFrameConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    overlay: OverlayConfig = field(default_factory=OverlayConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    # CPUs per task of the CPU stages (segmentation, sampling + prefilters)
+    cpu_stage_cpus: float = 1.0
+    # at most this many tasks of each CPU stage at once (null: as many as the CPUs allow);
+    # bounds memory by concurrency, whatever the number of videos
+    cpu_stage_tasks: Optional[int] = None
+    # pairs per Parquet shard (a shard is the unit that becomes durable)
+    shard_rows: int = 64
+    contact_sheet_pairs: int = 8
+
+
+# -- ingest -------------------------------------------------------------------------------
+
+def ingest(cfg: VcmpConfig, state) -> tuple[list[dict], list[dict], int]:
+    """(videos to mine, new rejects, files listed). Dedupe sees the
+    videos of earlier runs too (their hashes are in the state log)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aesformer.vcmp.flow import probe_entry
+    from aesformer.vcmp.ingest import dedupe, list_inputs
+
+    if not cfg.input:
+        raise SystemExit("vcmp: set input=<videos folder | list file | manifest>")
+    entries, rejects = list_inputs(cfg.input, cfg.manifest, cfg.ingest.extensions)
+    listed = len(entries) + len(rejects)
+    finished = state.finished()
+    done_paths = {r["path"]: r for r in finished.values()}
+    new = [e.to_dict() for e in entries if e.path not in done_paths]
+    # hashing and probing read headers and two frames: I/O-bound, so threads
+    # in the driver do it without the start-up cost of a Ray job of its own
+    with ThreadPoolExecutor(max_workers=max(1, cfg.ingest.workers)) as pool:
+        probed = list(pool.map(lambda e: probe_entry(e, cfg.ingest), new))
+    for e in probed:
+        if "reject" in e:
+            rejects.append(e["reject"])
+    ok = [e for e in probed if "reject" not in e]
+    earlier = [{"video_id": r["video_id"], "path": r["path"], "content_hash": r.get("content_hash"), "earlier": True}
+               for r in finished.values()]
+    kept, dup = dedupe(earlier + ok)
+    rejects += [d for d in dup if d["path"] not in done_paths]
+    todo = [e for e in kept if not e.get("earlier")]
+    return sorted(todo, key=lambda e: e["video_id"]), rejects, listed
+
+
+# -- the streaming pipeline -------------------------------------------------------------------
+
+def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
+    """The Ray Data plan over the video rows (lazy; nothing runs yet)."""
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    import functools
+
+    from aesformer.actors.vcmp_actors import (CheckAlignment, FilterGoodImages, JudgeGoodFrames, RemoveOverlays,
+                                              ScreenVideos, cpu_task_args, sample_batch, segment_batch)
+    from aesformer.models import resolve_model
+    from aesformer.vcmp import rows as R
+
+    judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
+    editor = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
+    table = R.table(R.new_row(v, {"probe": v["probe"], "content_hash": v["content_hash"]}) for v in videos)
+    ds = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
+    P = cfg.pools
+    common = {"engine": cfg.engine, "max_pixels": cfg.judge_max_pixels,
+              "tensor_parallel": cfg.judge_tensor_parallel}
+
+    def pool(callable_cls, pc, **kwargs):
+        return dict(fn=callable_cls, compute=ActorPoolStrategy(size=pc.size), num_gpus=pc.num_gpus,
+                    num_cpus=pc.num_cpus, batch_size=pc.batch_size, batch_format="pyarrow",
+                    fn_constructor_kwargs={**kwargs, "batch_size": max(1, pc.batch_size * 4),
+                                           "num_gpus": pc.num_gpus})
+
+    def apply(ds, spec):
+        fn = spec.pop("fn")
+        return ds.map_batches(fn, **spec)
+
+    ds = apply(ds, pool(ScreenVideos, P.screen, judge=judge, screen=cfg.screen, **common))
+    cpu = dict(ray_remote_args_fn=functools.partial(cpu_task_args, cfg.cpu_stage_cpus),
+               compute=TaskPoolStrategy(size=cfg.cpu_stage_tasks), batch_size=1, batch_format="pyarrow")
+    ds = ds.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
+    ds = ds.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter}, **cpu)
+    ds = apply(ds, pool(JudgeGoodFrames, P.good_frame, judge=judge, good=cfg.good_frame, **common))
+    ds = apply(ds, pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
+    ds = apply(ds, pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay, seed=cfg.seed,
+                        image_format=cfg.sample.image_format, **common))
+    ds = apply(ds, pool(CheckAlignment, P.align, judge=judge, align=cfg.align, **common))
+    return ds
+
+
+def pair_rows(row: dict, data: dict, cfg: VcmpConfig, cues: list, provenance: dict) -> list[dict]:
+    """The AesRecon rows of one finished segment row (its surviving pairs)."""
+    from aesformer.data import make_pair
+    from aesformer.vcmp.pairs import transcript, video_split
+
+    out = []
+    frames = data.get("frames", [])
+    edit = data.get("poor_edit") or {}
+    poor_index = edit.get("image") if edit.get("image") is not None else (frames[0]["image"] if frames else None)
+    split = video_split(row["video_id"], cfg.split.test_fraction, cfg.split.salt)
+    for p in data.get("pairs", []):
+        if p.get("dropped") is not None:
+            continue
+        good = frames[p["good"]]
+        decisions = list(p.get("decisions", []))
+        if edit.get("status"):
+            decisions.append({"stage": "overlay_edit", "decision": edit["status"],
+                              "reason": json.dumps(edit.get("attempts", []))})
+        out.append(make_pair(
+            p["id"], bytes(row["images"][poor_index]), bytes(row["images"][good["image"]]),
+            video_id=row["video_id"], segment_start=row["start"], segment_end=row["end"],
+            poor_time=frames[0]["t"], good_time=good["t"], transcript=transcript(cues, row["start"], row["end"]) or None,
+            split=split, scores={k: float(v) for k, v in p["scores"].items() if v is not None},
+            decisions=decisions, provenance=provenance))
+    return out
+
+
+def stage_times(ds) -> dict:
+    """{operator: {"wall_s", "cpu_s", "udf_s"}}: task time summed over each
+    operator's tasks (udf: inside the stage's own function), from Ray Data's stats."""
+    out: dict = {}
+    try:
+        summary = ds._get_stats_summary()
+    except Exception:  # stats are a report, never a reason to fail
+        return out
+
+    def total(stat) -> float:
+        return float(getattr(stat, "sum", 0.0) or 0.0) if stat is not None else 0.0
+
+    def visit(s):
+        for op in getattr(s, "operators_stats", None) or []:
+            out[op.operator_name] = {"wall_s": round(total(op.wall_time), 3), "cpu_s": round(total(op.cpu_time), 3),
+                                     "udf_s": round(total(getattr(op, "function_body_time", None)), 3)}
+        for parent in getattr(s, "parents", None) or []:
+            visit(parent)
+
+    visit(summary)
+    return out
+
+
+class Recorder:
+    """The driver's end of the stream: writes each segment row's pairs and
+    frame readings as it arrives, and records a video in the state log only
+    once everything it produced sits in finished shards (so a kill at any
+    moment loses nothing that the log claims, and duplicates nothing)."""
+
+    def __init__(self, out: Path, cfg: VcmpConfig, state):
+        from aesformer.data import ShardWriter, make_provenance
+        from aesformer.vcmp import rows as R
+
+        self.cfg, self.state = cfg, state
+        self.pairs = ShardWriter(out / "pairs", shard_rows=cfg.shard_rows)
+        self.frames = ShardWriter(out / "frames", R.FRAME_SCHEMA, shard_rows=cfg.shard_rows * 16, prefix="frames")
+        self.provenance = make_provenance("vcmp", cfg)
+        self.pending: dict[str, dict] = {}  # video id → progress while its rows arrive
+        self.waiting: list[dict] = []  # finished videos whose rows are not all durable yet
+        self.finished = 0
+
+    def add(self, row: dict, total: int) -> None:
+        from aesformer.vcmp import rows as R
+        from aesformer.vcmp.pairs import read_srt
+        from aesformer.vcmp.report import merge_stats, segment_stats
+
+        vid, data = row["video_id"], R.info(row)
+        prog = self.pending.setdefault(vid, {
+            "video_id": vid, "path": row["path"], "content_hash": data.get("content_hash"), "status": "done",
+            "screen": data.get("screen"), "stats": {}, "pairs": [], "frames": [], "seen": 0,
+            "cues": read_srt(row["subtitles"])})
+        if row["kind"] == "video":  # stopped before segmentation
+            expected = 1
+            if data.get("error"):
+                prog["status"], prog["error"] = "failed", data["error"]["reason"]
+            elif not (data.get("screen") or {}).get("keep", False):
+                prog["status"] = "screened_out"
+        else:
+            expected = row["n_segments"]
+            prog["stats"] = merge_stats(prog["stats"], segment_stats(data))
+            for fr in R.frame_rows(row, data):
+                self.frames.write(fr)
+                prog["frames"].append(fr["id"])
+            for pr in pair_rows(row, data, self.cfg, prog["cues"], self.provenance):
+                self.pairs.write(pr)
+                prog["pairs"].append(pr["id"])
+        prog["seen"] += 1
+        if prog["seen"] >= expected:
+            rec = {k: v for k, v in self.pending.pop(vid).items() if k not in ("seen", "cues")}
+            rec["frames"] = [i for i in rec["frames"] if i not in self.frames.done_ids]  # only those still buffered
+            self.waiting.append(rec)
+            self.finished += 1
+            log.info("[%d/%d] %s: %s, %d pairs", self.finished, total, vid, rec["status"], len(rec["pairs"]))
+        self.settle()
+
+    def settle(self) -> None:
+        durable = [v for v in self.waiting if all(i in self.pairs.done_ids for i in v["pairs"])
+                   and all(i in self.frames.done_ids for i in v["frames"])]
+        if durable:
+            self.state.append({k: v for k, v in r.items() if k != "frames"} for r in durable)
+            self.waiting = [v for v in self.waiting if v not in durable]
+
+    def close(self) -> None:
+        self.pairs.close()
+        self.frames.close()
+        self.settle()
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+def run(cfg: VcmpConfig) -> dict:
+    """Mine pairs from cfg.input into cfg.output; returns paths and figures."""
+    from aesformer.data import contact_sheet, iter_pairs, read_table
+    from aesformer.vcmp import rows as R
+    from aesformer.vcmp.report import funnel, funnel_table
+    from aesformer.vcmp.state import RunState
+
+    out = Path(cfg.output)
+    pairs_dir = out / "pairs"
+    tracker = Tracker.start(cfg, "vcmp")
+    ray = init_ray(cfg.ray)
+    state = RunState(out)
+    t0 = time.perf_counter()
+    with tracker.phase("ingest"):
+        videos, rejects, listed = ingest(cfg, state)
+    state.append({"status": "rejected", "video_id": r["video_id"], "path": r["path"], "reject": r} for r in rejects)
+    log.info("ingest: %d files listed, %d to mine, %d rejected, %d finished earlier", listed, len(videos),
+             len(rejects), len(state.finished()))
+
+    recorder = Recorder(out, cfg, state)
+    wall_pipeline, times = 0.0, {}
+    try:
+        if videos:
+            ds = build_pipeline(cfg, ray, videos)
+            t1 = time.perf_counter()
+            with tracker.phase("pipeline"):
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for row in R.rows_of(batch):
+                        recorder.add(row, len(videos))
+            wall_pipeline = time.perf_counter() - t1
+            times = stage_times(ds)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        recorder.close()  # flushes what arrived, so finished work is never lost
+    if recorder.pending:
+        log.warning("%d videos did not finish: %s", len(recorder.pending), ", ".join(sorted(recorder.pending)))
+
+    # -- reports (over everything finished, this run and earlier ones) --
+    with tracker.phase("report"):
+        table = read_table(pairs_dir, columns=["id", "split"]) if pairs_dir.exists() else None
+        n_pairs = 0 if table is None else table.num_rows
+        splits = {} if table is None else {s: table.column("split").to_pylist().count(s) for s in ("train", "test")}
+        all_rejects = state.rejects()
+        records = list(state.finished().values())
+        f = funnel(records, all_rejects, listed=len(records) + len(all_rejects), written_pairs=n_pairs, splits=splits)
+        f["pipeline_wall_s"] = round(wall_pipeline, 3)
+        f["stage_times"] = times
+        (out / "funnel.json").write_text(json.dumps(f, indent=1))
+        text = funnel_table(f)
+        (out / "funnel.txt").write_text(text + "\n")
+        _write_rejects(out, all_rejects)
+        sheet = None
+        if n_pairs:
+            sheet = contact_sheet(iter_pairs(pairs_dir), out / "contact_sheet.png", max_pairs=cfg.contact_sheet_pairs)
+        log.info("funnel:\n%s", text)
+    tracker.log_metrics({"videos": f["videos"], "tutorials": f["tutorials"], "pairs": n_pairs,
+                         "rejects": len(all_rejects), "vlm_fraction": f["vlm_fraction"],
+                         "pipeline_wall_s": wall_pipeline})
+    for p in (out / "funnel.json", out / "funnel.txt", out / "rejects.jsonl"):
+        tracker.log_artifact(p)
+    if sheet:
+        tracker.log_artifact(sheet)
+    tracker.finish()
+    return {"output": str(out), "pairs_dir": str(pairs_dir), "pairs": n_pairs, "new_videos": len(videos),
+            "finished_videos": recorder.finished, "rejects": all_rejects, "funnel": f, "funnel_table": text,
+            "contact_sheet": None if sheet is None else str(sheet), "wall_s": round(time.perf_counter() - t0, 3),
+            "pipeline_wall_s": round(wall_pipeline, 3), "stage_times": times}
+
+
+def _write_rejects(out: Path, rejects: list[dict]) -> None:
+    """The rejects table as JSON lines and Parquet (one row per broken file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = out / ".rejects.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    tmp.replace(out / "rejects.jsonl")
+    schema = pa.schema([(k, pa.string()) for k in ("video_id", "path", "stage", "reason", "detail")])
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rejects], schema=schema),
+                   out / "rejects.parquet")
+
+
+def main(argv=None) -> dict:
+    cfg = setup(VcmpConfig, "vcmp", argv)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
