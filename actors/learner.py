@@ -1,0 +1,293 @@
+"""Learner: a DeepSpeed worker group of Ray actors training the policy with
+the GRPO-A loss of ``aesformer.grpo``.
+
+Each worker is one data-parallel rank: it sets MASTER_ADDR / MASTER_PORT /
+RANK / WORLD_SIZE / LOCAL_RANK, joins ``deepspeed.init_distributed`` (NCCL on
+GPU, gloo on CPU), loads the policy (partitioned at load time under ZeRO-3),
+freezes the vision tower and wraps the rest in a DeepSpeed engine built from
+``aesformer.ds.deepspeed_config``.
+
+One :meth:`LearnerWorker.update` call per rollout step trains on this rank's
+share of every mini-batch. The loss is the token-mean over all response
+tokens of the mini-batch (across micro-batches and ranks) of the clipped
+policy loss plus ``kl_coef`` times the k3 KL to the reference policy. Every
+rank runs the same number of forward passes (short shards are padded with a
+zero-weight copy of a real sample), as ZeRO-3's collectives require.
+
+Weights leave the group as raw bytes plus a JSON-able description
+(:func:`aesformer.engines.pack_weights`), gathered from ZeRO-3 partitions
+chunk by chunk with ``deepspeed.zero.GatheredParameters``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def is_vision_parameter(name: str) -> bool:
+    """Parameters of the vision tower (frozen in GRPO-A)."""
+    return ".visual." in name or name.startswith("visual.")
+
+
+@ray.remote
+class LearnerWorker:
+    def __init__(self, rank: int, world: int, model_path: str, settings: dict):
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.rank, self.world, self.model_path, self.s = rank, world, model_path, dict(settings)
+        self.engine = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the process group (this node's IP, a free port)."""
+        return ray.util.get_node_ip_address(), _free_port()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from aesformer import ds
+
+        cuda = torch.cuda.is_available()
+        os.environ.update(MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0" if cuda else str(self.rank))
+        if cuda:  # Ray gives each worker its own GPU(s): device 0 is ours
+            torch.cuda.set_device(0)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        s = self.s
+        conf = ds.deepspeed_config(zero_stage=s["zero_stage"], bf16=s["bf16"], lr=s["lr"],
+                                   weight_decay=s["weight_decay"], grad_clip=s["grad_clip"],
+                                   micro_batch=s["micro_batch"], grad_accum=s["grad_accum"])
+        self._hf_ds = None
+        if s["zero_stage"] == 3:
+            # partition the weights while loading instead of holding a full copy per rank
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(conf)
+        model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=torch.float32)
+        model.config.use_cache = False
+        for name, p in model.named_parameters():
+            if s["freeze_vision"] and is_vision_parameter(name):
+                p.requires_grad_(False)
+        if s.get("gradient_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.engine = ds.initialize(model, conf)
+        self.engine.train()
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        from aesformer.engines import banned_token_ids
+
+        self.banned_ids = banned_token_ids(self.processor)
+        self.trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        numel = sum(getattr(p, "ds_numel", p.numel()) for _, p in self.trainable)
+        return {"rank": self.rank, "trainable_parameters": numel, "tensors": len(self.trainable)}
+
+    # -- training ---------------------------------------------------------------------------
+    def _forward(self, samples: Sequence[dict], weight: float, with_grad: bool):
+        import torch
+
+        from aesformer.engines import policy_inputs, sequence_logprobs
+
+        inputs = policy_inputs(self.processor, [x["request"] for x in samples], [x["response_ids"] for x in samples],
+                               self.s.get("max_pixels"))
+        ctx = torch.enable_grad() if with_grad else torch.no_grad()
+        with ctx:
+            logp, entropy = sequence_logprobs(self.engine, inputs, self.s["temperature"], with_entropy=True,
+                                              banned_ids=self.banned_ids)
+        mask = inputs["response_mask"].to(logp.device) * weight
+        return logp, entropy, mask
+
+    def _micro_batches(self, samples: list[dict], filler: dict) -> list[tuple[list[dict], float]]:
+        """``grad_accum`` micro-batches of at most ``micro_batch`` samples;
+        empty ones carry a zero-weight filler so every rank runs the same passes."""
+        mb, gas = self.s["micro_batch"], self.s["grad_accum"]
+        if len(samples) > mb * gas:
+            raise ValueError(f"rank {self.rank} got {len(samples)} samples for one update; at most "
+                             f"micro_batch x grad_accum = {mb * gas}")
+        out = []
+        for k in range(gas):
+            chunk = samples[k * mb:(k + 1) * mb]
+            out.append((chunk, 1.0) if chunk else ([filler], 0.0))
+        return out
+
+    @staticmethod
+    def _padded(rows: Sequence[Sequence[float]], like) -> Any:
+        import torch
+
+        out = torch.zeros(like.shape, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            n = min(len(r), like.shape[1])
+            out[i, :n] = torch.tensor(list(r)[:n], dtype=torch.float32)
+        return out.to(like.device)
+
+    def update(self, minibatches: Sequence[Sequence[dict]], totals: Sequence[dict], filler: dict) -> dict:
+        """Train on this rank's share of each mini-batch (one optimizer step per
+        mini-batch). A sample is a dict with ``request``, ``response_ids``,
+        ``rollout_logprobs``, ``ref_logprobs`` and ``advantage``; ``totals[u]``
+        holds the ``tokens`` and ``sequences`` of mini-batch ``u`` over all ranks.
+        Returns sums over this rank's tokens, for the driver to combine."""
+        import torch
+
+        from aesformer.grpo import aggregate, kl_penalty, policy_loss
+
+        s = self.s
+        sums = dict(tokens=0.0, mismatch=0.0, mismatch_max=0.0, entropy=0.0, kl=0.0, clip=0.0, pg_loss=0.0,
+                    loss=0.0, samples=0.0)
+        # Log-probs of the policy before this step's updates: the "old" policy
+        # of the ratio and the learner's side of the sync check. With one
+        # mini-batch they come free from its own forward pass.
+        old: dict[int, list[list[float]]] = {}
+        separate_old = len(minibatches) > 1
+        if separate_old:
+            for u, samples in enumerate(minibatches):
+                rows: list[list[float]] = []
+                for chunk, weight in self._micro_batches(list(samples), filler):
+                    logp, _, _ = self._forward(chunk, weight, with_grad=False)
+                    if weight:
+                        rows.extend(logp[i, :len(x["response_ids"])].float().cpu().tolist() for i, x in enumerate(chunk))
+                old[u] = rows
+        grad_norms = []
+        for u, samples in enumerate(minibatches):
+            samples = list(samples)
+            offset = 0
+            for chunk, weight in self._micro_batches(samples, filler):
+                logp, entropy, mask = self._forward(chunk, weight, with_grad=True)
+                if separate_old and weight:
+                    old_logp = self._padded(old[u][offset:offset + len(chunk)], logp)
+                else:
+                    old_logp = logp.detach()
+                offset += len(chunk) if weight else 0
+                ref = self._padded([x["ref_logprobs"] for x in chunk], logp)
+                adv = torch.tensor([float(x["advantage"]) for x in chunk], dtype=torch.float32, device=logp.device)
+                if s["loss_agg"] == "token-mean":
+                    norm = {"normalizer": float(totals[u]["tokens"])}
+                    share = 1.0
+                else:  # seq-mean-token-mean: weight this micro-batch by its share of the sequences
+                    norm = {}
+                    share = len(chunk) * weight / max(1.0, float(totals[u]["sequences"]))
+                pg, m = policy_loss(logp, old_logp, adv, mask, clip_ratio=s["clip_ratio"], mode=s["loss_agg"], **norm)
+                kl_tok = kl_penalty(logp, ref, s["kl_estimator"])
+                kl = aggregate(kl_tok, mask, s["loss_agg"], **norm)
+                loss = (pg + s["kl_coef"] * kl) * share
+                # DeepSpeed divides by grad_accum and averages over ranks; undo
+                # both so the gradient is that of the mini-batch's token-mean.
+                self.engine.backward(loss * self.world * s["grad_accum"])
+                self.engine.step()
+                with torch.no_grad():
+                    n = float(mask.sum())
+                    roll = self._padded([x["rollout_logprobs"] for x in chunk], logp)
+                    learner_before = old_logp if separate_old else logp.detach()
+                    diff = (roll - learner_before).abs() * mask
+                    sums["tokens"] += n
+                    sums["samples"] += len(chunk) if weight else 0
+                    sums["mismatch"] += float(diff.sum())
+                    sums["mismatch_max"] = max(sums["mismatch_max"], float(diff.max()) if n else 0.0)
+                    sums["entropy"] += float((entropy * mask).sum())
+                    sums["kl"] += float((kl_tok * mask).sum())
+                    sums["clip"] += m["clip_frac"] * n
+                    sums["pg_loss"] += float(pg) * share
+                    sums["loss"] += float(loss)
+            norm_value = self.engine.get_global_grad_norm()
+            if norm_value is not None:
+                grad_norms.append(float(norm_value))
+        sums["grad_norm"] = grad_norms[-1] if grad_norms else float("nan")
+        return sums
+
+    # -- weights out ------------------------------------------------------------------------
+    def _chunks(self, max_bytes: int) -> list[list[tuple[str, Any]]]:
+        groups, current, size = [], [], 0
+        for name, p in self.trainable:
+            nbytes = getattr(p, "ds_numel", p.numel()) * p.element_size()
+            if current and size + nbytes > max_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append((name, p))
+            size += nbytes
+        if current:
+            groups.append(current)
+        return groups
+
+    def weights(self, max_chunk_bytes: int = 256 << 20) -> dict:
+        """The trainable weights as packed chunks in the object store (rank 0
+        returns their refs; the other ranks take part in the ZeRO-3 gathers
+        and return none). A collective: call it on every rank."""
+        from aesformer.ds import gathered
+        from aesformer.engines import pack_weights
+
+        refs, nbytes, tensors = [], 0, 0
+        for group in self._chunks(max_chunk_bytes):
+            with gathered([p for _, p in group]):
+                if self.rank == 0:
+                    meta, buffer = pack_weights((n, p.data) for n, p in group)
+                    refs.append(ray.put((meta, buffer)))
+                    nbytes += len(buffer)
+                    tensors += len(meta)
+        return {"refs": refs, "bytes": nbytes, "tensors": tensors}
+
+    def checksum(self) -> Optional[str]:
+        """sha256 of the trainable weights (rank 0; a collective under ZeRO-3)."""
+        from aesformer.ds import gathered
+        from aesformer.engines import pack_weights
+
+        h = hashlib.sha256()
+        for group in self._chunks(256 << 20):
+            with gathered([p for _, p in group]):
+                if self.rank == 0:
+                    meta, buffer = pack_weights((n, p.data) for n, p in group)
+                    h.update(json.dumps(meta).encode())
+                    h.update(buffer)
+        return h.hexdigest() if self.rank == 0 else None
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, directory: str, client_state: dict) -> bool:
+        from aesformer import ds
+
+        ds.save_checkpoint(self.engine, directory, client_state)
+        return True
+
+    def load(self, directory: str) -> dict:
+        from aesformer import ds
+
+        return ds.load_checkpoint(self.engine, directory)
+
+    def export(self, directory: str) -> Optional[str]:
+        """Write the policy as a transformers model folder (rank 0), with its processor."""
+        from aesformer.ds import gathered
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with gathered(params):
+            if self.rank != 0:
+                return None
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        out = Path(directory)
+        tmp = out.with_name(out.name + ".tmp")
+        module.config.use_cache = True
+        module.save_pretrained(str(tmp), state_dict=state)
+        self.processor.save_pretrained(str(tmp))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return str(out)

@@ -1,0 +1,47 @@
+"""Reference pool: the frozen starting policy, giving the log-probs of
+sampled responses for the KL term of the GRPO-A loss."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import ray
+
+
+@ray.remote
+class ReferenceWorker:
+    def __init__(self, model_path: str, dtype: str = "float32", device: Optional[str] = None,
+                 micro_batch: int = 8, max_pixels: Optional[int] = None):
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        from aesformer.models import load_vlm
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.processor = load_vlm(model_path, dtype=getattr(torch, dtype), device=device)
+        self.model.requires_grad_(False)
+        from aesformer.engines import banned_token_ids
+
+        self.banned_ids = banned_token_ids(self.processor)
+        self.micro_batch = max(1, int(micro_batch))
+        self.max_pixels = max_pixels
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def logprobs(self, requests: Sequence[dict], responses: Sequence[Sequence[int]],
+                 temperature: float = 1.0) -> list[list[float]]:
+        """Per response, the reference log-prob of each of its tokens, at the
+        sampling temperature (as the learner computes its own)."""
+        import torch
+
+        from aesformer.engines import policy_inputs, sequence_logprobs
+
+        out: list[list[float]] = []
+        with torch.no_grad():
+            for s in range(0, len(requests), self.micro_batch):
+                reqs, resps = list(requests[s:s + self.micro_batch]), list(responses[s:s + self.micro_batch])
+                inputs = policy_inputs(self.processor, reqs, resps, self.max_pixels)
+                logp = sequence_logprobs(self.model, inputs, temperature, banned_ids=self.banned_ids).float().cpu()
+                out.extend(logp[i, :len(r)].tolist() for i, r in enumerate(resps))
+        return out

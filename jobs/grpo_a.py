@@ -1,0 +1,658 @@
+"""GRPO-A: reinforcement learning of AesThinker on AesRecon (stage 1b).
+
+Starting from the SFT policy (``init=``), each step takes prompts (the poor
+photo with the thinker's instruction, and the pair's reference plan) from the
+train split of ``data=``, samples ``rollout.n`` plans per prompt on the
+rollout pool, scores them on the reward pool (r = λf·Rf + λa·Ra + λc·Rc,
+judge VLM or rule-based alignment) while the reference pool computes the
+starting policy's log-probs, turns rewards into group-normalised advantages,
+updates the DeepSpeed learner group with the GRPO-A loss (clipped policy
+loss + k3 KL, token-mean), and pushes the new weights to the rollout engines
+before the next step. Reward scoring and reference log-probs start on the
+first finished groups of a step rather than waiting for the whole batch.
+
+Every step logs to MLflow each reward component, format rate, KL, entropy,
+response length, advantage statistics, clip fraction, the log-prob mismatch
+between the rollout engines and the learner (a broken weight sync shows
+there) and the time of each phase. Validation every ``val_every`` steps on
+held-out pairs (temperature 0.6, top-p 0.95, n=1); checkpoints every
+``checkpoint_every`` steps (learner weights and optimizer, data position, RNG
+state, step), ``resume=auto`` continues from the newest. A rollout, reward or
+reference actor that dies is replaced and its work retried.
+
+    python jobs/grpo_a.py profile=tiny
+    ray job submit --working-dir . -- python jobs/grpo_a.py data=<AesRecon dir> init=<SFT model dir> output=<dir>
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):
+    import _prelude  # noqa: F401  (makes aesformer importable when run as a script)
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from aesformer.cluster import init_ray
+from aesformer.config import ConfigError, JobConfig
+from aesformer.job import setup
+from aesformer.tracking import Tracker
+
+log = logging.getLogger("grpo_a")
+
+
+# -- config -------------------------------------------------------------------------------
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # vllm | hf | auto (vllm where CUDA and vllm are present)
+    actors: int = 4
+    gpus_per_actor: float = 1.0  # = tensor_parallel for vllm
+    cpus_per_actor: float = 2.0
+    tensor_parallel: int = 1
+    dtype: str = "bfloat16"
+    gpu_memory_utilization: float = 0.85
+    n: int = 5  # samples per prompt (the group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024  # max response
+    max_prompt_tokens: int = 2048
+    max_pixels: int = 1048576
+    chunk_prompts: int = 8  # prompts per generate call; scoring starts as each chunk finishes
+
+
+@dataclass
+class RewardConfig:
+    weights: list = field(default_factory=lambda: [0.1, 0.5, 0.4])  # λf, λa, λc
+    alignment: str = "judge"  # judge | rule (rule_alignment instead of the judge's Ra)
+    engine: str = "auto"
+    actors: int = 2
+    gpus_per_actor: float = 2.0
+    cpus_per_actor: float = 2.0
+    tensor_parallel: int = 2
+    dtype: str = "bfloat16"
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 8192
+    max_pixels: int = 1048576
+    chunk_plans: int = 64  # plans per scoring call
+
+
+@dataclass
+class ReferenceConfig:
+    actors: int = 1
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float = 2.0
+    dtype: str = "bfloat16"
+    micro_batch: int = 8
+
+
+@dataclass
+class LearnerConfig:
+    workers: int = 8
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 2.0
+    zero_stage: int = 3
+    bf16: bool = True
+    lr: float = 1e-7
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    micro_batch: int = 4  # sequences per forward pass per worker
+    clip_ratio: float = 0.2
+    kl_coef: float = 1e-2
+    kl_estimator: str = "low_var_kl"  # k3
+    loss_agg: str = "token-mean"
+    freeze_vision: bool = True
+    gradient_checkpointing: bool = True
+    placement: str = "PACK"  # STRICT_PACK keeps the group on one node
+    sync_chunk_mb: int = 256  # weights travel to the rollout engines in chunks of this size
+
+
+@dataclass
+class GrpoAConfig(JobConfig):
+    output: str = "runs/grpo_a"
+    data: Optional[str] = None  # AesRecon folder (Parquet); tiny profile: built from sample photos when unset
+    init: Optional[str] = None  # the SFT policy folder; unset: models.thinker
+    instruction: Optional[str] = None  # overrides the thinker's default instruction
+    steps: Optional[int] = None  # total steps; unset: `epochs` passes over the train split
+    epochs: int = 1
+    prompts_per_step: int = 512  # rollout batch
+    prompts_per_update: int = 128  # update batch (an optimizer step each)
+    sync_every: int = 1  # push weights to the rollout engines every k steps (0: never; debugging only)
+    val_every: int = 5
+    val_prompts: int = 64
+    val_temperature: float = 0.6
+    val_top_p: float = 0.95
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 2
+    resume: str = "never"  # never | auto | <checkpoint folder>
+    stop_after: Optional[int] = None  # end this run after k steps (resume=auto continues)
+    export_model: bool = True  # write the final policy to <output>/model
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+
+
+def check_config(cfg: GrpoAConfig) -> None:
+    from aesformer.actors.reward import ALIGNMENT_MODES
+    from aesformer.grpo import AGG_MODES, KL_KINDS
+
+    if cfg.prompts_per_step < 1 or cfg.prompts_per_update < 1:
+        raise ConfigError("prompts_per_step and prompts_per_update must be at least 1")
+    if cfg.prompts_per_step % cfg.prompts_per_update:
+        raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of prompts_per_update "
+                          f"({cfg.prompts_per_update})")
+    if len(cfg.reward.weights) != 3:
+        raise ConfigError(f"reward.weights needs three numbers (format, alignment, creativity), got {cfg.reward.weights}")
+    if cfg.reward.alignment not in ALIGNMENT_MODES:
+        raise ConfigError(f"reward.alignment must be one of {', '.join(ALIGNMENT_MODES)}, got '{cfg.reward.alignment}'")
+    if cfg.learner.loss_agg not in AGG_MODES:
+        raise ConfigError(f"learner.loss_agg must be one of {', '.join(AGG_MODES)}")
+    if cfg.learner.kl_estimator not in KL_KINDS:
+        raise ConfigError(f"learner.kl_estimator must be one of {', '.join(KL_KINDS)}")
+    if cfg.rollout.n < 2:
+        raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
+    if cfg.resume not in ("never", "auto") and not Path(cfg.resume).expanduser().is_dir():
+        raise ConfigError(f"resume must be never, auto or a checkpoint folder; '{cfg.resume}' is none of these")
+
+
+# -- data ---------------------------------------------------------------------------------
+
+def build_default_data(folder: Path, seed: int, per_photo: int = 2, side: int = 128) -> Path:
+    """A small AesRecon from the sample photographs: synthetic poor framings
+    (``aesformer.synth``) of each photo with the plan measured from the
+    transform's ground truth, ~1/4 held out as test. Reused when present."""
+    from aesformer.data import ShardWriter, assign_split, finished_shards, make_pair
+    from aesformer.distill.measured import plan_from_measurement
+    from aesformer.samples import sample_photos
+    from aesformer.synth import poor_framing
+
+    if finished_shards(folder):
+        return folder
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, photo in sample_photos():
+        scale = side / max(photo.size)
+        good = photo.resize((max(8, int(photo.width * scale)), max(8, int(photo.height * scale))))
+        for k in range(per_photo):
+            poor, truth = poor_framing(good, rng)
+            # geometry is known exactly; the synthetic flaw leaves tone and sharpness alone
+            measured = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "temperature": 0.0,
+                        "sharpness": 0.0, **truth}
+            rows.append(dict(id=f"{name}-{k}", poor=poor, good=good, plan=plan_from_measurement(measured),
+                             video_id=f"sample-{name}"))
+    split = assign_split([r["id"] for r in rows], test_size=0.25)
+    with ShardWriter(folder, shard_rows=64) as writer:
+        for r in rows:
+            writer.write(make_pair(r["id"], r["poor"], r["good"], plan=r["plan"], video_id=r["video_id"],
+                                   split=split[r["id"]]))
+    log.info("built a default AesRecon of %d pairs in %s", len(rows), folder)
+    return folder
+
+
+class Prompts:
+    """The prompts of one split: ids in a seeded order per epoch, images read
+    from Parquet only for the ids a step takes. Rows without a usable plan
+    or photo are quarantined with the reason."""
+
+    def __init__(self, folder: Path, split: str, seed: int, instruction: str, quarantine: Path):
+        from aesformer.data import read_table
+
+        table = read_table(folder, columns=["id", "plan"], split=split)
+        self.folder, self.seed, self.instruction, self.quarantine = folder, seed, instruction, quarantine
+        self.plans: dict[str, str] = {}
+        for rid, plan in zip(table.column("id").to_pylist(), table.column("plan").to_pylist()):
+            if plan:
+                self.plans[rid] = plan
+            else:
+                self._quarantine(rid, "no reference plan")
+        self.ids = sorted(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _quarantine(self, rid: str, reason: str) -> None:
+        with open(self.quarantine, "a") as f:
+            f.write(json.dumps({"id": rid, "reason": reason}) + "\n")
+
+    def order(self, epoch: int) -> list[str]:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+        return [self.ids[i] for i in perm]
+
+    def take(self, position: int, count: int) -> list[str]:
+        """``count`` ids from global position ``position`` (epochs wrap)."""
+        out = []
+        n = len(self.ids)
+        while len(out) < count:
+            epoch, i = divmod(position + len(out), n)
+            out.extend(self.order(epoch)[i:i + count - len(out)])
+        return out
+
+    def load(self, ids: list[str]) -> list[dict]:
+        """Prompt records (id, request, reference) for ``ids``, in order."""
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        from aesformer.data import PairError, decode_image, finished_shards
+
+        dataset = pads.dataset([str(p) for p in finished_shards(self.folder)], format="parquet")
+        table = dataset.to_table(columns=["id", "poor_image"], filter=pc.field("id").isin(list(set(ids))))
+        images = dict(zip(table.column("id").to_pylist(), table.column("poor_image").to_pylist()))
+        out = []
+        for rid in ids:
+            try:
+                photo = decode_image(images.get(rid), row=rid, field="poor_image")
+            except PairError as e:
+                self._quarantine(rid, e.reason)
+                continue
+            out.append({"id": rid, "request": {"images": [photo], "text": self.instruction},
+                        "reference": self.plans[rid]})
+        return out
+
+
+# -- the policy to start from ---------------------------------------------------------------
+
+def prepare_policy(path: str, out: Path) -> str:
+    """The init policy, with the plan's tag tokens: returned as is when its
+    tokenizer has them, else a copy with them added (saved under ``out``)."""
+    from transformers import AutoProcessor
+
+    from aesformer.actions import SPECIAL_TOKENS
+
+    processor = AutoProcessor.from_pretrained(path)
+    vocab = processor.tokenizer.get_vocab()
+    if all(t in vocab for t in SPECIAL_TOKENS):
+        return path
+    if (out / "config.json").exists():
+        return str(out)
+    from aesformer.models import add_plan_tokens, load_vlm
+
+    log.info("the init policy lacks the plan tokens: adding them (copy in %s)", out)
+    model, processor = load_vlm(path)
+    add_plan_tokens(model, processor)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(tmp))
+    processor.save_pretrained(str(tmp))
+    os.replace(tmp, out)
+    return str(out)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.json"
+
+
+def newest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint (its state file is written last)."""
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return (float(a.mean()), float(a.std())) if a.size else (0.0, 0.0)
+
+
+class Trainer:
+    """The pools of one GRPO-A run and the step that ties them together."""
+
+    def __init__(self, cfg: GrpoAConfig, policy: str, judge: Optional[str]):
+        from aesformer.actors.pool import run_tag
+
+        self.cfg = cfg
+        self.tag = run_tag("grpo_a")
+        self.pools: list = []
+        self.learner = None
+        try:
+            self._start(policy, judge)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, policy: str, judge: Optional[str]) -> None:
+        import ray
+
+        from aesformer.actors.learner import LearnerWorker
+        from aesformer.actors.pool import ActorPool
+        from aesformer.actors.reference import ReferenceWorker
+        from aesformer.actors.reward import RewardWorker, needs_judge
+        from aesformer.actors.rollout import RolloutWorker
+
+        cfg = self.cfg
+        ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
+        self.weights_version, self.weights_refs = 0, []
+        max_len = ro.max_prompt_tokens + ro.max_tokens
+        rollout_opts = dict(dtype=ro.dtype, max_pixels=ro.max_pixels, tensor_parallel_size=ro.tensor_parallel,
+                            gpu_memory_utilization=ro.gpu_memory_utilization, max_model_len=max_len,
+                            seed=cfg.seed)
+        self.rollout = ActorPool(f"{self.tag}-rollout", RolloutWorker, ro.actors,
+                                 {"CPU": ro.cpus_per_actor, "GPU": ro.gpus_per_actor},
+                                 lambda i: (ro.engine, policy, rollout_opts), on_start=self._push_current_weights)
+        self.pools.append(self.rollout)
+        judge_needed = needs_judge(rw.weights, rw.alignment)
+        reward_opts = dict(dtype=rw.dtype, max_pixels=rw.max_pixels, tensor_parallel_size=rw.tensor_parallel,
+                           gpu_memory_utilization=rw.gpu_memory_utilization, max_model_len=rw.max_model_len,
+                           seed=cfg.seed)
+        reward_bundle = {"CPU": rw.cpus_per_actor, "GPU": rw.gpus_per_actor if judge_needed else 0}
+        self.reward = ActorPool(f"{self.tag}-reward", RewardWorker, rw.actors, reward_bundle,
+                                lambda i: (rw.engine, judge if judge_needed else None, reward_opts,
+                                           list(rw.weights), rw.alignment))
+        self.pools.append(self.reward)
+        self.use_reference = ln.kl_coef != 0
+        self.reference = None
+        if self.use_reference:
+            self.reference = ActorPool(f"{self.tag}-reference", ReferenceWorker, rf.actors,
+                                       {"CPU": rf.cpus_per_actor, "GPU": rf.gpus_per_actor},
+                                       lambda i: (policy, rf.dtype if rf.gpus_per_actor else "float32", None,
+                                                  rf.micro_batch, ro.max_pixels))
+            self.pools.append(self.reference)
+        # the learner group: one placement group, rank 0 hosts the process group
+        update_seqs = cfg.prompts_per_update * ro.n
+        per_rank = math.ceil(update_seqs / ln.workers)
+        settings = dict(zero_stage=ln.zero_stage, bf16=ln.bf16, lr=ln.lr, weight_decay=ln.weight_decay,
+                        grad_clip=ln.grad_clip, micro_batch=ln.micro_batch,
+                        grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio=ln.clip_ratio,
+                        kl_coef=ln.kl_coef, kl_estimator=ln.kl_estimator, loss_agg=ln.loss_agg,
+                        freeze_vision=ln.freeze_vision, gradient_checkpointing=ln.gradient_checkpointing,
+                        temperature=ro.temperature, max_pixels=ro.max_pixels)
+        self.learner = ActorPool(f"{self.tag}-learner", LearnerWorker, ln.workers,
+                                 {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker},
+                                 lambda i: (i, ln.workers, policy, settings), strategy=ln.placement, max_restarts=0)
+        master = ray.get(self.learner.actors[0].address.remote())
+        info = ray.get(self.learner.call_all("setup", *master))
+        log.info("learner group ready: %d workers, %s trainable parameters", ln.workers,
+                 f"{info[0]['trainable_parameters']:,}")
+
+    def shutdown(self) -> None:
+        for pool in self.pools + ([self.learner] if self.learner else []):
+            pool.shutdown()
+
+    # -- weights ----------------------------------------------------------------------------
+    def _push_current_weights(self, actor: Any) -> None:
+        if self.weights_version > 0:
+            actor.update_weights.remote(self.weights_version, *self.weights_refs)
+
+    def sync(self, version: int) -> dict:
+        """Gather the learner's weights and load them into every rollout engine."""
+        import ray
+
+        out = ray.get(self.learner.call_all("weights", self.cfg.learner.sync_chunk_mb << 20))[0]
+        self.weights_version, self.weights_refs = version, out["refs"]
+        for i in range(self.rollout.size):
+            self.rollout.submit(("sync", i), "update_weights", version, *out["refs"], index=i)
+        for _ in self.rollout.results():
+            pass
+        return {"bytes": out["bytes"], "tensors": out["tensors"]}
+
+    # -- one step -------------------------------------------------------------------------------
+    def sample_and_score(self, prompts: list[dict], sampling: dict, with_reference: bool) -> tuple[list, dict]:
+        """Rollout, then rewards and reference log-probs, the latter two
+        starting on each chunk of groups as soon as it is generated.
+        Returns the samples (grouped by prompt, in order) and phase times."""
+        from aesformer.actors.pool import as_completed
+
+        chunk = max(1, self.cfg.rollout.chunk_prompts)
+        chunks = [prompts[i:i + chunk] for i in range(0, len(prompts), chunk)]
+        t0 = time.perf_counter()
+        for k, part in enumerate(chunks):
+            # each chunk its own seed: equal seeds would give every chunk the same random stream
+            seeded = {**sampling, "seed": None if sampling.get("seed") is None else sampling["seed"] + 7919 * k}
+            self.rollout.submit(k, "generate", [p["request"] for p in part], seeded)
+        done: dict[int, list] = {}
+        rewards: dict[int, dict] = {}
+        refs: dict[int, list] = {}
+        marks = {"rollout_end": t0, "reward_start": None, "reward_end": t0, "reference_start": None,
+                 "reference_end": t0}
+        pools = [self.rollout, self.reward] + ([self.reference] if with_reference else [])
+        for pool, key, value in as_completed(pools):
+            now = time.perf_counter()
+            if pool is self.rollout:
+                done[key] = value
+                marks["rollout_end"] = now
+                part = chunks[key]
+                items = [{"text": c["text"], "reference": p["reference"], "image": p["request"]["images"][0]}
+                         for p, group in zip(part, value) for c in group]
+                marks["reward_start"] = marks["reward_start"] or now
+                self.reward.submit(key, "score", items)
+                if with_reference:
+                    marks["reference_start"] = marks["reference_start"] or now
+                    requests = [p["request"] for p, group in zip(part, value) for _ in group]
+                    self.reference.submit(key, "logprobs", requests, [c["token_ids"] for g in value for c in g],
+                                          sampling["temperature"])
+            elif pool is self.reward:
+                rewards[key] = value
+                marks["reward_end"] = now
+            else:
+                refs[key] = value
+                marks["reference_end"] = now
+        samples = []
+        for k, part in enumerate(chunks):
+            j = 0
+            for p, group in zip(part, done[k]):
+                for c in group:
+                    s = {"prompt_id": p["id"], "request": p["request"], "response_ids": c["token_ids"],
+                         "rollout_logprobs": c["logprobs"], "text": c["text"], "finish_reason": c["finish_reason"],
+                         **{name: rewards[k][name][j] for name in ("rf", "ra", "rc", "reward")}}
+                    s["ref_logprobs"] = refs[k][j] if with_reference else c["logprobs"]
+                    samples.append(s)
+                    j += 1
+        times = {"rollout": marks["rollout_end"] - t0,
+                 "reward": marks["reward_end"] - (marks["reward_start"] or t0)}
+        if with_reference:
+            times["reference"] = marks["reference_end"] - (marks["reference_start"] or t0)
+        # wall time of the three overlapping phases together
+        times["generate_and_score"] = max(marks["rollout_end"], marks["reward_end"], marks["reference_end"]) - t0
+        return samples, times
+
+    def update(self, samples: list[dict]) -> dict:
+        """Advantages, then the learner's update(s) on the whole batch."""
+        import ray
+
+        from aesformer.grpo import group_advantages
+
+        n = self.cfg.rollout.n
+        adv = group_advantages([s["reward"] for s in samples], n)
+        for s, a in zip(samples, adv.tolist()):
+            s["advantage"] = a
+        keys = ("request", "response_ids", "rollout_logprobs", "ref_logprobs", "advantage")
+        lean = [{k: s[k] for k in keys} for s in samples]
+        per_update = self.cfg.prompts_per_update * n
+        minibatches = [lean[i:i + per_update] for i in range(0, len(lean), per_update)]
+        totals = [{"tokens": sum(len(x["response_ids"]) for x in mb), "sequences": len(mb)} for mb in minibatches]
+        W = self.learner.size
+        refs = [w.update.remote([mb[r::W] for mb in minibatches], totals, lean[0])
+                for r, w in enumerate(self.learner.actors)]
+        parts = ray.get(refs)
+        total = {k: sum(p[k] for p in parts) for k in parts[0] if k not in ("mismatch_max", "grad_norm")}
+        tokens = max(1.0, total["tokens"])
+        return {"logprob_mismatch": total["mismatch"] / tokens,
+                "logprob_mismatch_max": max(p["mismatch_max"] for p in parts),
+                "entropy": total["entropy"] / tokens, "kl": total["kl"] / tokens,
+                "clip_frac": total["clip"] / tokens, "pg_loss": total["pg_loss"], "loss": total["loss"],
+                "grad_norm": parts[0]["grad_norm"], "updates": len(minibatches),
+                "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
+                "advantage_abs_mean": float(adv.abs().mean())}
+
+
+def reward_metrics(samples: list[dict], prefix: str = "") -> dict:
+    out = {}
+    for name, label in (("reward", "reward"), ("rf", "reward_format"), ("ra", "reward_alignment"),
+                        ("rc", "reward_creativity")):
+        mean, std = _stats([s[name] for s in samples])
+        out[f"{prefix}{label}_mean"], out[f"{prefix}{label}_std"] = mean, std
+    out[f"{prefix}format_rate"] = float(np.mean([s["rf"] >= 1.0 for s in samples])) if samples else 0.0
+    lengths = [len(s["response_ids"]) for s in samples]
+    out[f"{prefix}response_length_mean"], out[f"{prefix}response_length_std"] = _stats(lengths)
+    out[f"{prefix}truncated_rate"] = float(np.mean([s["finish_reason"] == "length" for s in samples])) if samples else 0.0
+    return out
+
+
+def run(cfg: GrpoAConfig) -> dict:
+    """Trains; returns the output folder, the final model, the last step's
+    metrics, the checkpoint folder and the actor restarts."""
+    from aesformer.actions import thinker_instruction
+    from aesformer.models import resolve_model
+
+    check_config(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    ckpt_root.mkdir(exist_ok=True)
+
+    # data and models
+    if cfg.data is None:
+        if cfg.profile != "tiny":
+            raise ConfigError("data= is required: the AesRecon folder to train on")
+        data = build_default_data(out / "data", cfg.seed)
+    else:
+        data = Path(cfg.data).expanduser()
+        if not data.is_dir():
+            raise ConfigError(f"data='{cfg.data}' is not a folder")
+    instruction = thinker_instruction(cfg.instruction)
+    train = Prompts(data, "train", cfg.seed, instruction, out / "quarantine.jsonl")
+    if not len(train):
+        raise ConfigError(f"data='{data}' has no train pairs with a plan")
+    val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl")
+    policy = prepare_policy(resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir,
+                                          "init" if cfg.init else "models.thinker"), out / "init_policy")
+    judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
+    steps_per_epoch = math.ceil(len(train) / cfg.prompts_per_step)
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+
+    # where to start
+    start_step, position, rng_state, resume_dir = 1, 0, None, None
+    if cfg.resume == "auto":
+        resume_dir = newest_checkpoint(ckpt_root)
+    elif cfg.resume != "never":
+        resume_dir = Path(cfg.resume).expanduser()
+    state: dict = {}
+    if resume_dir is not None:
+        state = json.loads((resume_dir / STATE_FILE).read_text())
+        start_step, position, rng_state = state["step"] + 1, state["data_position"], state["rng"]
+    rng = np.random.default_rng(cfg.seed)
+    if rng_state is not None:
+        rng.bit_generator.state = rng_state
+
+    ray = init_ray(cfg.ray)
+    if state.get("mlflow_run_id") and cfg.tracking.enabled:
+        tracker = Tracker.attach(state.get("mlflow_uri"), state["mlflow_run_id"])
+    else:
+        tracker = Tracker.start(cfg, "grpo_a")
+    result: dict = {"output": str(out), "data": str(data), "init": policy, "restarts": 0, "resumed_from": None}
+    steps_log = open(out / "steps.jsonl", "a")
+    status = "FAILED"
+    trainer = None
+    try:
+        trainer = Trainer(cfg, policy, judge)
+        if resume_dir is not None:
+            ray.get(trainer.learner.call_all("load", str(resume_dir)))
+            checksum = ray.get(trainer.learner.call_all("checksum"))[0]
+            if state.get("weights_sha256") and checksum != state["weights_sha256"]:
+                raise RuntimeError(f"the weights loaded from {resume_dir} differ from the ones saved there")
+            trainer.sync(state["step"])
+            result.update(resumed_from=str(resume_dir), resumed_weights_sha256=checksum)
+            log.info("resumed from %s: step %d, data position %d", resume_dir, start_step, position)
+        sampling = {"n": cfg.rollout.n, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
+                    "max_tokens": cfg.rollout.max_tokens}
+        last: dict = {}
+        run_steps = 0
+        t_run = time.perf_counter()
+        for step in range(start_step, total_steps + 1):
+            t_step = time.perf_counter()
+            ids = train.take(position, cfg.prompts_per_step)
+            prompts = train.load(ids)
+            position += cfg.prompts_per_step
+            samples, times = trainer.sample_and_score(prompts, {**sampling, "seed": int(rng.integers(2 ** 31))},
+                                                      trainer.use_reference)
+            t = time.perf_counter()
+            metrics = trainer.update(samples)
+            times["update"] = time.perf_counter() - t
+            sync = {"bytes": 0, "tensors": 0}
+            t = time.perf_counter()
+            if cfg.sync_every and step % cfg.sync_every == 0:
+                sync = trainer.sync(step)
+            times["sync"] = time.perf_counter() - t
+            times["step"] = time.perf_counter() - t_step
+            metrics.update(reward_metrics(samples))
+            metrics.update({f"time/{k}": v for k, v in times.items()})
+            metrics.update({"weight_sync_bytes": sync["bytes"], "epoch": position / max(1, len(train)),
+                            "restarts": sum(p.restarts for p in trainer.pools)})
+            if cfg.val_every and step % cfg.val_every == 0 and len(val):
+                t = time.perf_counter()
+                vprompts = val.load(val.ids[:cfg.val_prompts])
+                vs, _ = trainer.sample_and_score(vprompts, {"n": 1, "temperature": cfg.val_temperature,
+                                                            "top_p": cfg.val_top_p, "max_tokens": cfg.rollout.max_tokens,
+                                                            "seed": cfg.seed}, with_reference=False)
+                metrics.update(reward_metrics(vs, "val/"))
+                metrics["time/validate"] = time.perf_counter() - t
+            tracker.log_metrics(metrics, step=step)
+            best = max(samples, key=lambda x: x["reward"])
+            record = {"step": step, "prompt_ids": ids, **metrics, "best_sample": best["text"][:2000]}
+            steps_log.write(json.dumps(record) + "\n")
+            steps_log.flush()
+            eta = (time.perf_counter() - t_run) / (run_steps + 1) * (total_steps - step)
+            log.info("step %d/%d reward %.3f format %.2f kl %.4f mismatch %.2e step %.1fs (eta %.0fs)", step,
+                     total_steps, metrics["reward_mean"], metrics["format_rate"], metrics["kl"],
+                     metrics["logprob_mismatch"], times["step"], eta)
+            last = metrics
+            run_steps += 1
+            stopping = cfg.stop_after is not None and run_steps >= cfg.stop_after
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps or stopping:
+                t = time.perf_counter()
+                folder = ckpt_root / f"step-{step:06d}"
+                ray.get(trainer.learner.call_all("save", str(folder), {"step": step}))
+                checksum = ray.get(trainer.learner.call_all("checksum"))[0]
+                write_json_atomic(folder / STATE_FILE, {
+                    "step": step, "data_position": position, "rng": rng.bit_generator.state,
+                    "weights_sha256": checksum, "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
+                    "total_steps": total_steps, "time": time.time()})
+                prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
+                result.update(checkpoint=str(folder), checkpoint_weights_sha256=checksum)
+                tracker.log_metrics({"time/checkpoint": time.perf_counter() - t}, step=step)
+            if stopping:
+                log.info("stopping after %d steps of this run (stop_after); resume=auto continues at step %d",
+                         run_steps, step + 1)
+                break
+        finished = run_steps > 0 and (start_step + run_steps - 1) == total_steps
+        if cfg.export_model and finished:
+            result["model"] = ray.get(trainer.learner.call_all("export", str(out / "model")))[0]
+        result.update(steps=run_steps, last_step=start_step + run_steps - 1, total_steps=total_steps,
+                      metrics=last, finished=finished, restarts=sum(p.restarts for p in trainer.pools))
+        write_json_atomic(out / "result.json", {k: v for k, v in result.items()})
+        status = "FINISHED"
+        return result
+    finally:
+        steps_log.close()
+        if trainer is not None:
+            trainer.shutdown()
+        tracker.finish(status)
+
+
+def main(argv=None) -> dict:
+    cfg = setup(GrpoAConfig, "grpo_a", argv)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""GRPO-A on the tiny profile, in this process's Ray session: rewards rise,
+the weight sync keeps the rollout engines on the learner's weights (and a
+broken sync shows), a killed rollout actor does not stop the run, and a run
+resumes from its newest checkpoint with the next prompts and the saved weights.
+
+The policy is the tiny thinker with the plan tokens, briefly fine-tuned by
+plain torch on short plans with random phrases, so that GRPO has a signal to
+climb towards the reference plan; rewards are format + rule-based alignment
+(no judge), λ = (1, 1, 0).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WORDS = dict(ratio=["crop 4:3", "crop 1:1", "keep 3:2", "crop 16:9"],
+             composition=["move left", "zoom in", "zoom out", "move right"],
+             camera=["lower", "higher", "level", "tilt"], position=["centre", "left third", "right third", "lower third"],
+             pose=["turn", "relax", "stand", "sit"], focus=["blur", "sharpen", "keep", "soft"],
+             color=["warm", "cool", "bright", "dark"])
+INSTRUCTION = "Plan."
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from aesformer.cluster import worker_env
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": worker_env()}, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+TARGET = {k: v[0] for k, v in WORDS.items()}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Four train pairs and one test pair, all with the same short reference plan."""
+    from aesformer.actions import ActionPlan
+    from aesformer.data import ShardWriter, make_pair
+    from aesformer.samples import sample_photos
+
+    folder = tmp_path_factory.mktemp("aesrecon")
+    photos = [img.resize((64, 64)) for _, img in sample_photos(5)]
+    with ShardWriter(folder) as writer:
+        for i, photo in enumerate(photos):
+            writer.write(make_pair(f"p{i}" if i < 4 else "t0", photo, photo, plan=ActionPlan(**TARGET),
+                                   split="train" if i < 4 else "test"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sft_policy(tiny_models, small_data, tmp_path_factory):
+    """The tiny thinker with the plan tokens, fine-tuned by plain torch (400
+    steps) on plans whose phrases are drawn at random from four per
+    dimension: it writes the plan's format, and picks the reference's phrase
+    for a dimension about one time in four."""
+    import random
+
+    import torch
+
+    from aesformer.actions import ActionPlan
+    from aesformer.data import pair_images, read_pairs
+    from aesformer.models import add_plan_tokens, chat_inputs, load_vlm
+
+    torch.manual_seed(0)
+    pick = random.Random(0)
+    model, processor = load_vlm(tiny_models["thinker"])
+    add_plan_tokens(model, processor)
+    photos = [pair_images(r)[0] for r in read_pairs(small_data, split="train")]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(400):
+        plan = ActionPlan(**{k: pick.choice(v) for k, v in WORDS.items()}).render()
+        model(**chat_inputs(processor, photos[step % len(photos)], INSTRUCTION, plan)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("sft")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+def config(tmp_path, data, init, **overrides):
+    from aesformer.config import load_config
+    from aesformer.jobs.grpo_a import GrpoAConfig
+
+    base = {"profile": "tiny", "output": str(tmp_path / "run"), "data": str(data), "init": init,
+            "instruction": INSTRUCTION, "reward.weights": "[1,1,0]", "reward.alignment": "rule",
+            "rollout.actors": 1, "rollout.max_tokens": 16, "val_every": 0, "export_model": "false",
+            "prompts_per_step": 2, "prompts_per_update": 2,
+            "tracking.enabled": "false", "learner.lr": "1e-4"}
+    base.update(overrides)
+    cfg = load_config(GrpoAConfig, "grpo_a", [f"{k}={v}" for k, v in base.items()])
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def steps_of(output) -> list[dict]:
+    path = Path(output) / "steps.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.timeout(600)
+def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(ray_session, small_data, sft_policy,
+                                                                             tmp_path):
+    from aesformer.jobs.grpo_a import run
+
+    # 4 prompts x 5 samples a step, two optimizer steps; 48 tokens hold the
+    # first dimensions of a plan, so the reward is the alignment of those
+    cfg = config(tmp_path, small_data, sft_policy, steps=30, checkpoint_every=0, prompts_per_step=4, **{
+        "rollout.max_tokens": 48, "learner.lr": "6e-4", "tracking.enabled": "true"})
+    result = run(cfg)
+    steps = steps_of(cfg.output)
+    assert [s["step"] for s in steps] == list(range(1, 31))
+    first = sum(s["reward_mean"] for s in steps[:5]) / 5
+    last = sum(s["reward_mean"] for s in steps[-5:]) / 5
+    assert last > first + 0.08, f"mean reward {first:.3f} (steps 1-5) -> {last:.3f} (steps 26-30)"
+    # the rollout engine always samples from the learner's current weights
+    assert max(s["logprob_mismatch"] for s in steps) < 1e-3
+    # every phase and statistic the issue names is logged to MLflow per step
+    from mlflow.tracking import MlflowClient
+
+    from aesformer.tracking import default_uri
+
+    client = MlflowClient(default_uri(cfg.output))
+    run_id = client.search_runs([client.get_experiment_by_name("aesformer").experiment_id])[0].info.run_id
+    logged = set(client.get_run(run_id).data.metrics)
+    for key in ("reward_mean", "reward_std", "reward_format_mean", "reward_alignment_mean", "reward_creativity_mean",
+                "format_rate", "kl", "entropy", "response_length_mean", "advantage_mean", "advantage_std",
+                "clip_frac", "logprob_mismatch", "time/rollout", "time/reward", "time/reference", "time/update",
+                "time/sync", "time/step", "weight_sync_bytes"):
+        assert key in logged, key
+    assert len(client.get_metric_history(run_id, "reward_mean")) == 30
+    assert result["finished"] and result["last_step"] == 30
+
+
+@pytest.mark.timeout(300)
+def test_a_broken_sync_shows_in_the_logprob_mismatch(ray_session, small_data, sft_policy, tmp_path):
+    from aesformer.jobs.grpo_a import run
+
+    cfg = config(tmp_path, small_data, sft_policy, steps=3, checkpoint_every=0, sync_every=0,
+                 **{"learner.lr": "1e-3", "learner.kl_coef": 0, "learner.workers": 1})
+    run(cfg)
+    mismatch = [s["logprob_mismatch"] for s in steps_of(cfg.output)]
+    assert mismatch[0] < 1e-3  # before any update both hold the same weights
+    assert min(mismatch[1:]) > 1e-2, mismatch  # the rollout engine kept the old ones
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_rollout_actor_is_replaced_and_the_run_completes(ray_session, small_data, sft_policy, tmp_path):
+    import ray
+
+    from aesformer.jobs.grpo_a import run
+
+    cfg = config(tmp_path, small_data, sft_policy, steps=4, checkpoint_every=0, **{"learner.kl_coef": 0})
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(result=run(cfg)), daemon=True)
+    worker.start()
+    deadline = time.time() + 240
+    while not steps_of(cfg.output) and time.time() < deadline and worker.is_alive():
+        time.sleep(0.2)
+    assert steps_of(cfg.output), "the run made no step"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "-rollout-" in a["name"]]
+    pid = ray.get(ray.get_actor(names[0]).pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    worker.join(timeout=240)
+    result = box["result"]
+    steps = steps_of(cfg.output)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert result["finished"] and result["restarts"] >= 1
+    # the replacement received the current weights before sampling again
+    assert max(s["logprob_mismatch"] for s in steps) < 1e-3
+
+
+@pytest.mark.timeout(400)
+def test_resume_auto_continues_with_the_next_step_prompts_and_saved_weights(ray_session, small_data, sft_policy,
+                                                                            tmp_path):
+    from aesformer.jobs.grpo_a import STATE_FILE, Prompts, run
+
+    first = run(config(tmp_path, small_data, sft_policy, steps=4, checkpoint_every=2, stop_after=2))
+    assert first["last_step"] == 2 and not first["finished"]
+    saved = json.loads((Path(first["checkpoint"]) / STATE_FILE).read_text())
+    assert saved["step"] == 2
+
+    cfg = config(tmp_path, small_data, sft_policy, steps=4, checkpoint_every=2, resume="auto")
+    second = run(cfg)
+    assert second["resumed_from"] == first["checkpoint"]
+    assert second["resumed_weights_sha256"] == saved["weights_sha256"]
+    steps = steps_of(cfg.output)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    prompts = Prompts(Path(small_data), "train", cfg.seed, INSTRUCTION, Path(cfg.output) / "q.jsonl")
+    per_step = cfg.prompts_per_step
+    assert steps[2]["prompt_ids"] == prompts.take(2 * per_step, per_step)
+    assert steps[3]["prompt_ids"] == prompts.take(3 * per_step, per_step)
+    # the rollout engines were loaded with the checkpoint's weights too
+    assert steps[2]["logprob_mismatch"] < 1e-3
+    assert second["finished"] and second["last_step"] == 4
