@@ -56,7 +56,8 @@ def run(cfg: MakeSamplesConfig) -> dict:
     events = sum(len(t["events"]) for t in out["truths"])
     log.info("wrote %d videos with %d events to %s in %.1fs", len(out["truths"]), events, cfg.output,
              time.perf_counter() - t0)
-    return {"output": cfg.output, "videos": [m["file"] for m in out["manifest"]], "events": events,
+    return {"output": cfg.output, "videos_dir": cfg.output, "videos": [m["file"] for m in out["manifest"]],
+            "events": events,
             "manifest": str(Path(cfg.output) / "manifest.jsonl"), "broken": broken}
 
 

@@ -330,7 +330,8 @@ def run(cfg: VcmpConfig) -> dict:
     if sheet:
         tracker.log_artifact(sheet)
     tracker.finish()
-    return {"output": str(out), "pairs_dir": str(pairs_dir), "pairs": n_pairs, "new_videos": len(videos),
+    return {"output": str(out), "pairs_dir": str(pairs_dir), "dataset": str(pairs_dir), "pairs": n_pairs,
+            "new_videos": len(videos),
             "finished_videos": recorder.finished, "rejects": all_rejects, "funnel": f, "funnel_table": text,
             "contact_sheet": None if sheet is None else str(sheet), "wall_s": round(time.perf_counter() - t0, 3),
             "pipeline_wall_s": round(wall_pipeline, 3), "stage_times": times}
