@@ -33,7 +33,12 @@ def bare_env(folder: Path) -> Path:
     venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
     py = folder / "bin" / "python"
     site = subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
-    Path(site, "main-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    import site as site_module
+
+    # every site folder of this interpreter (a venv's and, with system site
+    # packages, the base one's); .pth files inside them are not processed
+    folders = list(dict.fromkeys(site_module.getsitepackages() + [sysconfig.get_paths()["purelib"]]))
+    Path(site, "main-deps.pth").write_text("\n".join(folders) + "\n")
     return folder
 
 
