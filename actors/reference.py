@@ -3,7 +3,7 @@ sampled responses for the KL term of the GRPO-A loss."""
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import ray
 

@@ -12,7 +12,7 @@ is loaded only when some weighted component needs it.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import ray
 

@@ -9,7 +9,7 @@ fresh replacement from an up-to-date actor.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import ray
 

@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -560,7 +560,11 @@ def run(cfg: GrpoAConfig) -> dict:
     else:
         tracker = Tracker.start(cfg, "grpo_a")
     result: dict = {"output": str(out), "data": str(data), "init": policy, "restarts": 0, "resumed_from": None}
-    steps_log = open(out / "steps.jsonl", "a")
+    steps_path = out / "steps.jsonl"
+    if resume_dir is not None and steps_path.exists():  # drop steps after the checkpoint: they are redone
+        kept = [line for line in steps_path.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        steps_path.write_text("".join(line + "\n" for line in kept))
+    steps_log = open(steps_path, "a")
     status = "FAILED"
     trainer = None
     try:
@@ -576,13 +580,17 @@ def run(cfg: GrpoAConfig) -> dict:
         sampling = {"n": cfg.rollout.n, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                     "max_tokens": cfg.rollout.max_tokens}
         last: dict = {}
-        run_steps = 0
+        run_steps, last_step = 0, start_step - 1
         t_run = time.perf_counter()
         for step in range(start_step, total_steps + 1):
             t_step = time.perf_counter()
             ids = train.take(position, cfg.prompts_per_step)
             prompts = train.load(ids)
             position += cfg.prompts_per_step
+            last_step = step
+            if not prompts:
+                log.warning("step %d: every prompt was quarantined (see quarantine.jsonl); skipping it", step)
+                continue
             samples, times = trainer.sample_and_score(prompts, {**sampling, "seed": int(rng.integers(2 ** 31))},
                                                       trainer.use_reference)
             t = time.perf_counter()
@@ -634,10 +642,10 @@ def run(cfg: GrpoAConfig) -> dict:
                 log.info("stopping after %d steps of this run (stop_after); resume=auto continues at step %d",
                          run_steps, step + 1)
                 break
-        finished = run_steps > 0 and (start_step + run_steps - 1) == total_steps
+        finished = last_step == total_steps
         if cfg.export_model and finished:
             result["model"] = ray.get(trainer.learner.call_all("export", str(out / "model")))[0]
-        result.update(steps=run_steps, last_step=start_step + run_steps - 1, total_steps=total_steps,
+        result.update(steps=run_steps, last_step=last_step, total_steps=total_steps,
                       metrics=last, finished=finished, restarts=sum(p.restarts for p in trainer.pools))
         write_json_atomic(out / "result.json", {k: v for k, v in result.items()})
         status = "FINISHED"

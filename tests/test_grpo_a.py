@@ -62,28 +62,35 @@ def small_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_policy(tiny_models, small_data, tmp_path_factory):
-    """The tiny thinker with the plan tokens, fine-tuned by plain torch (400
-    steps) on plans whose phrases are drawn at random from four per
-    dimension: it writes the plan's format, and picks the reference's phrase
-    for a dimension about one time in four."""
+    """The tiny thinker with the plan tokens, fine-tuned by plain torch (120
+    steps of 4) on plans whose phrases are drawn at random from four per
+    dimension: it writes plan-like text, picking the reference's phrase for a
+    dimension about one time in four."""
     import random
 
     import torch
 
     from aesformer.actions import ActionPlan
     from aesformer.data import pair_images, read_pairs
-    from aesformer.models import add_plan_tokens, chat_inputs, load_vlm
+    from aesformer.engines import policy_inputs, sequence_logprobs
+    from aesformer.models import add_plan_tokens, load_vlm
 
     torch.manual_seed(0)
     pick = random.Random(0)
     model, processor = load_vlm(tiny_models["thinker"])
     add_plan_tokens(model, processor)
-    photos = [pair_images(r)[0] for r in read_pairs(small_data, split="train")]
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    tokenizer = processor.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    requests = [{"images": [pair_images(r)[0]], "text": INSTRUCTION} for r in read_pairs(small_data, split="train")]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(400):
-        plan = ActionPlan(**{k: pick.choice(v) for k, v in WORDS.items()}).render()
-        model(**chat_inputs(processor, photos[step % len(photos)], INSTRUCTION, plan)).loss.backward()
+    for step in range(120):
+        plans = [ActionPlan(**{k: pick.choice(v) for k, v in WORDS.items()}).render() for _ in range(4)]
+        inputs = policy_inputs(processor, [requests[(step * 4 + i) % len(requests)] for i in range(4)],
+                               [tokenizer.encode(p, add_special_tokens=False) + [end] for p in plans])
+        logp = sequence_logprobs(model, inputs)
+        loss = -(logp * inputs["response_mask"]).sum() / inputs["response_mask"].sum()
+        loss.backward()
         opt.step()
         opt.zero_grad()
     out = tmp_path_factory.mktemp("sft")
@@ -207,3 +214,30 @@ def test_resume_auto_continues_with_the_next_step_prompts_and_saved_weights(ray_
     # the rollout engines were loaded with the checkpoint's weights too
     assert steps[2]["logprob_mismatch"] < 1e-3
     assert second["finished"] and second["last_step"] == 4
+
+
+def test_config_problems_are_named_before_any_work(tmp_path):
+    from aesformer.config import ConfigError
+    from aesformer.jobs.grpo_a import check_config
+
+    for overrides, message in [({"prompts_per_step": 3, "prompts_per_update": 2}, "multiple of prompts_per_update"),
+                               ({"reward.weights": "[1,1]"}, "three numbers"),
+                               ({"reward.alignment": "vibes"}, "reward.alignment"),
+                               ({"rollout.n": 1}, "rollout.n"),
+                               ({"resume": str(tmp_path / "nope")}, "resume")]:
+        with pytest.raises(ConfigError, match=message):
+            check_config(config(tmp_path, tmp_path, None, **overrides))
+
+
+def test_prompt_order_is_a_seeded_permutation_per_epoch(small_data, tmp_path):
+    from aesformer.jobs.grpo_a import Prompts
+
+    prompts = Prompts(Path(small_data), "train", 7, INSTRUCTION, tmp_path / "q.jsonl")
+    assert prompts.ids == ["p0", "p1", "p2", "p3"]
+    first, second = prompts.take(0, 4), prompts.take(4, 4)
+    assert sorted(first) == sorted(second) == prompts.ids  # each epoch sees every pair once
+    assert prompts.take(2, 4) == first[2:] + second[:2]  # positions run across epochs
+    assert Prompts(Path(small_data), "train", 7, INSTRUCTION, tmp_path / "q.jsonl").take(0, 4) == first
+    loaded = prompts.load(first[:2])
+    assert [p["id"] for p in loaded] == first[:2]
+    assert loaded[0]["request"]["text"] == INSTRUCTION and loaded[0]["request"]["images"][0].size == (64, 64)
