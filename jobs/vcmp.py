@@ -1,6 +1,6 @@
 """VCMP: mine (poor, good) photo pairs from photography-tutorial videos.
 
-One streaming Ray Data job (DESIGN.md §2). A first, light pass lists the
+One streaming Ray Data job. A first, light pass lists the
 inputs, hashes and probes every file (a broken one is quarantined in the
 rejects table with its reason) and dedupes by video id and content. Then
 the videos stream through: screening (manifest rules + VLM) → event

@@ -136,7 +136,7 @@ def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(ra
     assert last > first + 0.08, f"mean reward {first:.3f} (steps 1-5) -> {last:.3f} (steps 26-30)"
     # the rollout engine always samples from the learner's current weights
     assert max(s["logprob_mismatch"] for s in steps) < 1e-3
-    # every phase and statistic the issue names is logged to MLflow per step
+    # every phase and statistic the job promises is logged to MLflow per step
     from mlflow.tracking import MlflowClient
 
     from aesformer.tracking import default_uri

@@ -8,7 +8,7 @@ unchanged): t ∈ [0, 1] is the noise level (the scheduler's sigma),
 
 and the model predicts the velocity d x_t / d t = noise − x0. The scheduler's
 Euler step ``x ← x + (t_next − t) · v`` then walks from noise (t = 1) to the
-image (t = 0). DESIGN.md writes the same path with t' = 1 − t, x1 = noise and
+image (t = 0). The paper writes the same path with t' = 1 − t, x1 = noise and
 v' = x0 − x1 = −v: identical training, opposite labels.
 
 Timesteps follow the released ``qwen_shift`` sampler: t = sigmoid(N(0, 1)),
