@@ -68,6 +68,10 @@ class VcmpConfig(JobConfig):
     cpu_stage_tasks: Optional[int] = None
     # pairs per Parquet shard (a shard is the unit that becomes durable)
     shard_rows: int = 64
+    # a finished video is made durable (its rows flushed, in short shards if need be) by the
+    # first row that arrives this many seconds after it finished, or at the end: this bounds
+    # the finished work a kill can lose
+    checkpoint_s: float = 60.0
     contact_sheet_pairs: int = 8
 
 
@@ -214,6 +218,7 @@ class Recorder:
         self.provenance = make_provenance("vcmp", cfg)
         self.pending: dict[str, dict] = {}  # video id → progress while its rows arrive
         self.waiting: list[dict] = []  # finished videos whose rows are not all durable yet
+        self.checkpoint_s = cfg.checkpoint_s
         self.finished = 0
 
     def add(self, row: dict, total: int) -> None:
@@ -245,16 +250,21 @@ class Recorder:
         if prog["seen"] >= expected:
             rec = {k: v for k, v in self.pending.pop(vid).items() if k not in ("seen", "cues")}
             rec["frames"] = [i for i in rec["frames"] if i not in self.frames.done_ids]  # only those still buffered
+            rec["finished_at"] = time.monotonic()
             self.waiting.append(rec)
             self.finished += 1
             log.info("[%d/%d] %s: %s, %d pairs", self.finished, total, vid, rec["status"], len(rec["pairs"]))
         self.settle()
 
     def settle(self) -> None:
+        if self.waiting and time.monotonic() - self.waiting[0]["finished_at"] >= self.checkpoint_s:
+            # a video has waited long enough for its shards to fill: write them short
+            self.pairs.flush()
+            self.frames.flush()
         durable = [v for v in self.waiting if all(i in self.pairs.done_ids for i in v["pairs"])
                    and all(i in self.frames.done_ids for i in v["frames"])]
         if durable:
-            self.state.append({k: v for k, v in r.items() if k != "frames"} for r in durable)
+            self.state.append({k: v for k, v in r.items() if k not in ("frames", "finished_at")} for r in durable)
             self.waiting = [v for v in self.waiting if v not in durable]
 
     def close(self) -> None:

@@ -145,12 +145,18 @@ def broken_run(samples, tmp_path_factory, ray_session, clean_run):
                 os.symlink(samples / name, folder / name)
     broken = broken_files(folder, samples / "tut0000.mp4")
     out = tmp_path_factory.mktemp("vcmp_broken")
-    args = [f"input={folder}", f"output={out}", "tracking.enabled=false", "shard_rows=4"]
+    # one video at a time through each stage, each made durable as it finishes: the
+    # first record appears while the later videos are still in the stream
+    narrow = [f"pools.{p}.batch_size=1" for p in ("screen", "good_frame", "quality", "overlay", "align")]
+    args = [f"input={folder}", f"output={out}", "tracking.enabled=false", "shard_rows=4", "checkpoint_s=0",
+            "cpu_stage_tasks=1", *narrow]
     address = ray_session.get_runtime_context().gcs_address
+    log_path = tmp_path_factory.mktemp("vcmp_killed_log") / "driver.log"
+    log_file = open(log_path, "w")
     env = dict(os.environ, RAY_AUTH_MODE="token")
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "vcmp.py"), *args, f"ray.address={address}",
-                             "ray.ship_code=false"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                             "ray.ship_code=false"], cwd=REPO, env=env, stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     state = out / "state" / "videos.jsonl"
     deadline = time.time() + 300
     at_kill = []
@@ -165,10 +171,11 @@ def broken_run(samples, tmp_path_factory, ray_session, clean_run):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        log_file.close()
     killed_midway = 0 < len(at_kill) < len(SUBSET)
     resumed = main(args)
     return {"broken": broken, "folder": folder, "killed_midway": killed_midway, "finished_before_kill": len(at_kill),
-            "resumed": resumed}
+            "log": str(log_path), "resumed": resumed}
 
 
 def test_broken_files_are_quarantined_and_change_no_pair(broken_run, clean_run):
@@ -188,7 +195,7 @@ def test_broken_files_are_quarantined_and_change_no_pair(broken_run, clean_run):
 
 
 def test_killed_run_resumes_without_duplicates_or_lost_pairs(broken_run, clean_run):
-    assert broken_run["killed_midway"], broken_run["finished_before_kill"]
+    assert broken_run["killed_midway"], (broken_run["finished_before_kill"], broken_run["log"])
     res = broken_run["resumed"]
     assert 0 < res["new_videos"] < len(SUBSET)  # the finished videos were skipped
     ids = read_table(res["pairs_dir"], columns=["id", "video_id"]).to_pylist()
