@@ -123,7 +123,8 @@ def _where_things_are(cfg: QuickstartConfig, results: dict, timings: dict) -> st
                 lines.append(f"      {key}: {value}")
     lines += ["",
               f"  Every run is in MLflow: mlflow ui --backend-store-uri {uri}",
-              f"  Resolved configs: {out}/<stage>/config.yaml; this summary: {out}/quickstart.json", ""]
+              f"  Resolved configs: {out}/<stage>/config.yaml",
+              f"  This summary: {out}/quickstart.json", ""]
     return "\n".join(lines)
 
 

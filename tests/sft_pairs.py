@@ -1,6 +1,7 @@
 """Small AesRecon pairs for the SFT tests: the sample photographs, badly
 framed by aesformer.synth.poor_framing, each with a short plan rendered from
-the known transform (what a teacher would say to undo it)."""
+the known transform (what a teacher would say to undo it); and the greedy
+plans an exported thinker writes for photos."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,3 +52,23 @@ def write_pairs(folder: str | Path, rows: list[dict], shard_rows: int = 8) -> Pa
     with ShardWriter(folder, shard_rows=shard_rows) as writer:
         writer.write_many(rows)
     return Path(folder)
+
+
+def greedy_plans(model_dir: str | Path, photos: list, max_new_tokens: int, batch: int = 6) -> list[str]:
+    """The plans an exported thinker writes for ``photos``, greedily, loaded
+    the standard Hugging Face way."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from aesformer.actions import thinker_instruction
+    from aesformer.models import generation_prompt_inputs
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    plans = []
+    for i in range(0, len(photos), batch):
+        inputs = generation_prompt_inputs(processor, photos[i:i + batch], thinker_instruction())
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        plans += processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [p.strip() for p in plans]

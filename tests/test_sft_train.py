@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from aesformer import sft
-from aesformer.actions import format_reward, thinker_instruction
+from aesformer.actions import format_reward
 from aesformer.jobs import sft as job
 
-from sft_pairs import pair_rows, write_pairs
+from sft_pairs import greedy_plans, pair_rows, write_pairs
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -37,7 +37,7 @@ def pairs(tmp_path_factory):
 def trained(ray_session, pairs, tmp_path_factory):
     folder, _ = pairs
     out = tmp_path_factory.mktemp("sft-run")
-    result = job.main([f"data={folder}", f"output={out}"])
+    result = job.main([f"data={folder}", f"output={out}", "epochs=12"])  # short plans: 12 passes suffice
     return result, out
 
 
@@ -79,28 +79,22 @@ def test_checkpoints_are_kept_up_to_the_limit(trained):
 
 def test_export_is_a_standard_checkpoint_that_writes_well_formed_plans(trained, pairs):
     """The exported tiny thinker's greedy plans for the training photos parse."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     from aesformer.actions import SPECIAL_TOKENS
     from aesformer.data import decode_image
-    from aesformer.models import generation_prompt_inputs
 
     result, out = trained
     assert result["export"] == result["merged"] == str(out / "export" / "merged")
     assert (Path(result["adapter"]) / "adapter_config.json").is_file()
-    model = AutoModelForImageTextToText.from_pretrained(result["merged"]).eval()
     processor = AutoProcessor.from_pretrained(result["merged"])
     assert all(processor.tokenizer.convert_tokens_to_ids(t) != processor.tokenizer.unk_token_id for t in SPECIAL_TOKENS)
     assert len(processor.tokenizer.tokenize("".join(SPECIAL_TOKENS))) == 14
 
     _, rows = pairs
     photos = [sft.cap_pixels(decode_image(r["poor_image"]), 4096) for r in rows[::4]]  # one per sample photo
-    inputs = generation_prompt_inputs(processor, photos, thinker_instruction())
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=160, do_sample=False)
-    plans = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    rewards = [format_reward(p.strip()) for p in plans]
+    plans = greedy_plans(result["merged"], photos, max_new_tokens=160)
+    rewards = [format_reward(p) for p in plans]
     assert sum(rewards) >= 0.8 * len(plans), plans
 
 
