@@ -148,7 +148,7 @@ def write_contact_sheet(items: list[dict], done: dict[str, dict], path: Path, ma
         photo.thumbnail((512, 512))  # the sheet shows thumbnails; do not carry a huge input around
         rows.append({"id": it["name"], "poor_image": encode_image(photo, "png"),
                      "good_image": Path(rec["image"]).read_bytes(), "plan": rec["plan"]})
-    return contact_sheet(rows, path, max_pairs=max_rows) if rows else None
+    return contact_sheet(rows, path, max_pairs=max_rows, labels=("input", "output")) if rows else None
 
 
 def run(cfg: ReconstructConfig) -> dict:

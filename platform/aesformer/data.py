@@ -744,9 +744,11 @@ def export_sft_json(source: Any, out_dir: PathLike, *, split: Optional[str] = "t
 
 # -- contact sheet -------------------------------------------------------------------------
 
-def contact_sheet(pairs: Any, path: PathLike, max_pairs: int = 8, *, thumb: int = 256, font_size: int = 12) -> Path:
+def contact_sheet(pairs: Any, path: PathLike, max_pairs: int = 8, *, thumb: int = 256, font_size: int = 12,
+                  labels: tuple[str, str] = ("poor", "good")) -> Path:
     """One image for people to look at: for each pair (at most ``max_pairs``),
-    poor | good side by side, the id above and the plan wrapped under them."""
+    poor | good side by side (``labels`` name the two), the id above and the
+    plan wrapped under them."""
     from PIL import Image, ImageDraw, ImageFont
 
     try:
@@ -776,7 +778,7 @@ def contact_sheet(pairs: Any, path: PathLike, max_pairs: int = 8, *, thumb: int 
     draw = ImageDraw.Draw(sheet)
     y = 0
     for (rid, poor, good, plan_lines), h in zip(blocks, heights):
-        draw.text((pad, y + pad), f"{rid}    poor | good", fill="black", font=font)
+        draw.text((pad, y + pad), f"{rid}    {labels[0]} | {labels[1]}", fill="black", font=font)
         top = y + pad + line_h
         for k, img in enumerate((poor, good)):
             t = img.copy()
