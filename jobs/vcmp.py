@@ -130,25 +130,22 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
               "tensor_parallel": cfg.judge_tensor_parallel}
 
     def pool(callable_cls, pc, **kwargs):
+        """map_batches arguments of a model stage: an actor pool sized from its config."""
         return dict(fn=callable_cls, compute=ActorPoolStrategy(size=pc.size), num_gpus=pc.num_gpus,
                     num_cpus=pc.num_cpus, batch_size=pc.batch_size, batch_format="pyarrow",
                     fn_constructor_kwargs={**kwargs, "batch_size": max(1, pc.batch_size * 4),
                                            "num_gpus": pc.num_gpus})
 
-    def apply(ds, spec):
-        fn = spec.pop("fn")
-        return ds.map_batches(fn, **spec)
-
-    ds = apply(ds, pool(ScreenVideos, P.screen, judge=judge, screen=cfg.screen, **common))
+    ds = ds.map_batches(**pool(ScreenVideos, P.screen, judge=judge, screen=cfg.screen, **common))
     cpu = dict(ray_remote_args_fn=functools.partial(cpu_task_args, cfg.cpu_stage_cpus),
                compute=TaskPoolStrategy(size=cfg.cpu_stage_tasks), batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
     ds = ds.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter}, **cpu)
-    ds = apply(ds, pool(JudgeGoodFrames, P.good_frame, judge=judge, good=cfg.good_frame, **common))
-    ds = apply(ds, pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
-    ds = apply(ds, pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay, seed=cfg.seed,
-                        image_format=cfg.sample.image_format, **common))
-    ds = apply(ds, pool(CheckAlignment, P.align, judge=judge, align=cfg.align, **common))
+    ds = ds.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=judge, good=cfg.good_frame, **common))
+    ds = ds.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
+    ds = ds.map_batches(**pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay,
+                               seed=cfg.seed, image_format=cfg.sample.image_format, **common))
+    ds = ds.map_batches(**pool(CheckAlignment, P.align, judge=judge, align=cfg.align, **common))
     return ds
 
 
@@ -218,7 +215,6 @@ class Recorder:
         self.provenance = make_provenance("vcmp", cfg)
         self.pending: dict[str, dict] = {}  # video id → progress while its rows arrive
         self.waiting: list[dict] = []  # finished videos whose rows are not all durable yet
-        self.checkpoint_s = cfg.checkpoint_s
         self.finished = 0
 
     def add(self, row: dict, total: int) -> None:
@@ -227,10 +223,12 @@ class Recorder:
         from aesformer.vcmp.report import merge_stats, segment_stats
 
         vid, data = row["video_id"], R.info(row)
-        prog = self.pending.setdefault(vid, {
-            "video_id": vid, "path": row["path"], "content_hash": data.get("content_hash"), "status": "done",
-            "screen": data.get("screen"), "stats": {}, "pairs": [], "frames": [], "seen": 0,
-            "cues": read_srt(row["subtitles"])})
+        prog = self.pending.get(vid)
+        if prog is None:  # the video's first row: read its subtitles once
+            prog = self.pending[vid] = {
+                "video_id": vid, "path": row["path"], "content_hash": data.get("content_hash"), "status": "done",
+                "screen": data.get("screen"), "stats": {}, "pairs": [], "frames": [], "seen": 0,
+                "cues": read_srt(row["subtitles"])}
         if row["kind"] == "video":  # stopped before segmentation
             expected = 1
             if data.get("error"):
@@ -257,15 +255,17 @@ class Recorder:
         self.settle()
 
     def settle(self) -> None:
-        if self.waiting and time.monotonic() - self.waiting[0]["finished_at"] >= self.checkpoint_s:
+        if self.waiting and time.monotonic() - self.waiting[0]["finished_at"] >= self.cfg.checkpoint_s:
             # a video has waited long enough for its shards to fill: write them short
             self.pairs.flush()
             self.frames.flush()
-        durable = [v for v in self.waiting if all(i in self.pairs.done_ids for i in v["pairs"])
-                   and all(i in self.frames.done_ids for i in v["frames"])]
+        durable, waiting = [], []
+        for v in self.waiting:
+            done = self.pairs.done_ids.issuperset(v["pairs"]) and self.frames.done_ids.issuperset(v["frames"])
+            (durable if done else waiting).append(v)
         if durable:
             self.state.append({k: v for k, v in r.items() if k not in ("frames", "finished_at")} for r in durable)
-            self.waiting = [v for v in self.waiting if v not in durable]
+            self.waiting = waiting
 
     def close(self) -> None:
         self.pairs.close()

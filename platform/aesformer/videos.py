@@ -30,7 +30,6 @@ from aesformer.synth import SUBTITLES, draw_overlays, fit, framing_pair
 FORMATS = (("mp4", "h264"), ("mkv", "h264"), ("webm", "libvpx-vp9"), ("avi", "mpeg4"),
            ("mp4", "mpeg4"), ("mkv", "mpeg4"))
 SIZES = ((320, 240), (240, 180), (256, 144), (160, 120), (320, 180), (224, 168))
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
 NARRATION = (
     "Hi everyone, today we fix framing mistakes",

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pyarrow as pa
 
+from aesformer.vcmp.pairs import pair_id
+
 ROW_SCHEMA = pa.schema([
     ("video_id", pa.string()),
     ("path", pa.string()),
@@ -52,10 +54,11 @@ FRAME_SCHEMA = pa.schema([
 
 
 def frame_rows(row: dict, data: dict) -> list[dict]:
-    """The FRAME_SCHEMA rows of one segment row."""
+    """The FRAME_SCHEMA rows of one segment row (a frame's id is the id a pair
+    with it as the good frame would get)."""
     out = []
     for f in data.get("frames", []):
-        out.append({"id": f"{row['video_id']}-s{row['segment_index']:03d}-t{int(round(f['t'] * 1000)):07d}",
+        out.append({"id": pair_id(row["video_id"], row["segment_index"], f["t"]),
                     "video_id": row["video_id"], "segment_index": row["segment_index"], "time": f["t"],
                     "overlay": f.get("overlay"), "sharpness": f.get("sharpness"), "motion": f.get("motion"),
                     "plausible": bool(f.get("plausible")), "vlm": f.get("vlm"), "good": bool(f.get("good")),

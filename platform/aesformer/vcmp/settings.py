@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from aesformer.vcmp.ingest import DEFAULT_EXTENSIONS
+
 
 @dataclass
 class PoolConfig:
@@ -28,7 +30,7 @@ class PoolsConfig:
 
 @dataclass
 class IngestConfig:
-    extensions: List[str] = field(default_factory=lambda: [".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"])
+    extensions: List[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     min_duration_s: float = 2.0
     max_duration_s: float = 4 * 3600.0
     # also decode a frame near the end (catches truncated files with their index up front)

@@ -40,8 +40,9 @@ class RunState:
         """The latest reject row per path (one row per broken file, however
         many runs saw it), without those that later finished."""
         latest: dict[str, dict] = {}
-        done_paths = {r.get("path") for r in self.records() if r.get("status") != "rejected"}
-        for r in self.records():
+        records = self.records()
+        done_paths = {r.get("path") for r in records if r.get("status") != "rejected"}
+        for r in records:
             if r.get("status") == "rejected" and r.get("path") not in done_paths:
                 latest[r.get("path") or r.get("video_id")] = r["reject"]
         return list(latest.values())
