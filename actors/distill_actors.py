@@ -12,24 +12,18 @@ pool.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional, Sequence
 
 import ray
 
 from aesformer.actors.pool import ActorPool, run_tag
+from aesformer.cluster import use_worker_threads
 from aesformer.distill.chat import Budget, BudgetExhausted, EngineChat, OpenAIChat, Reply
 from aesformer.distill.settings import JUDGE_KINDS, TEACHER_KINDS, EndpointConfig, LocalModelConfig
 from aesformer.distill.teachers import ChatTeacher, MeasuredTeacher
 from aesformer.distill.validator import Judge, Validator
 
 log = logging.getLogger(__name__)
-
-
-def _threads() -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
 
 def _engine_options(kind: str, c: LocalModelConfig) -> dict:
@@ -49,7 +43,7 @@ class VLMWorker:
     """One engine; answers chat completions and first-token scores."""
 
     def __init__(self, model_path: str, engine_kind: str, config: dict):
-        _threads()
+        use_worker_threads()
         import torch
 
         from aesformer.engines import make_engine, resolve_engine_kind
@@ -72,7 +66,7 @@ class WhisperWorker:
     """Speech recognition of video segments (the audio is decoded here, next to the file)."""
 
     def __init__(self, model_path: str, language: Optional[str], max_new_tokens: int):
-        _threads()
+        use_worker_threads()
         import torch
 
         from aesformer.distill.transcript import WhisperTranscriber

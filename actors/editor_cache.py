@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import pyarrow as pa
+
+from aesformer.cluster import use_worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +120,11 @@ class CacheEncoder:
     def __init__(self, editor_path: str, cache_folder: str, *, control_area: int, condition_area: int,
                  target_area: int, aspects: Iterable[float], dtype: str = "float32", device: str = "auto",
                  editor_name: Optional[str] = None, offload: bool = False):
-        import torch
 
         from aesformer.data import ShardWriter
         from aesformer.editor import Editor
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        use_worker_threads()
         self.editor = Editor.load(editor_path, control_area=control_area, condition_area=condition_area,
                                   dtype=dtype, device=device, name=editor_name, offload=offload)
         self.target_area, self.aspects = int(target_area), tuple(aspects)
@@ -171,23 +171,24 @@ class ValidationRenderer:
                  condition_area: int, lora: Mapping, steps: int, true_cfg_scale: float,
                  negative_prompt: Optional[str], seed: int, dtype: str = "float32", device: str = "auto",
                  tracking: Optional[Mapping] = None, editor_name: Optional[str] = None, offload: bool = False):
-        import torch
 
+        from aesformer.data import decode_image
         from aesformer.editor import Editor, lora_config
         from aesformer.tracking import Tracker
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        use_worker_threads()
         self.editor = Editor.load(editor_path, control_area=control_area, condition_area=condition_area,
                                   dtype=dtype, device=device, name=editor_name, offload=offload)
         self.editor.pipe.transformer.add_adapter(lora_config(lora["rank"], lora["alpha"], tuple(lora["targets"])))
         self.pairs, self.out_dir = pairs, Path(out_dir)
+        # the pairs never change: decode them once, not at every render
+        self.images = [(decode_image(p["poor_image"]), decode_image(p["good_image"])) for p in pairs]
         self.steps, self.cfg, self.negative, self.seed = steps, true_cfg_scale, negative_prompt, seed
         self.tracker = Tracker.attach(**tracking) if tracking else None
 
     def render(self, lora_state: Mapping, step: int, tag: Optional[str] = None) -> dict:
         from peft.utils import set_peft_model_state_dict
 
-        from aesformer.data import decode_image
         from aesformer.pipeline import edit_prompt
 
         set_peft_model_state_dict(self.editor.pipe.transformer, dict(lora_state))
@@ -195,8 +196,7 @@ class ValidationRenderer:
         folder = self.out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
-        for p in self.pairs:
-            poor, good = decode_image(p["poor_image"]), decode_image(p["good_image"])
+        for p, (poor, good) in zip(self.pairs, self.images):
             edited = self.editor.edit(poor, edit_prompt(p["plan"]), seed=self.seed, steps=self.steps,
                                       true_cfg_scale=self.cfg, negative_prompt=self.negative,
                                       height=p["height"], width=p["width"])

@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence
 
 import ray
 
+from aesformer.cluster import use_worker_threads
+
 log = logging.getLogger(__name__)
 
 
@@ -47,9 +49,7 @@ def is_vision_parameter(name: str) -> bool:
 @ray.remote
 class LearnerWorker:
     def __init__(self, rank: int, world: int, model_path: str, settings: dict):
-        import torch
-
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        use_worker_threads()
         self.rank, self.world, self.model_path, self.s = rank, world, model_path, dict(settings)
         self.engine = None
 

@@ -20,6 +20,8 @@ from typing import Optional
 
 import pyarrow as pa
 
+from aesformer.cluster import use_worker_threads
+
 log = logging.getLogger(__name__)
 
 RESULT_FIELDS = ("name", "status", "reason", "image", "plan", "plan_parsed", "width", "height",
@@ -68,12 +70,11 @@ class ThinkerPool:
 
     def __init__(self, model_path: str, *, engine: str = "hf", engine_options: Optional[dict] = None,
                  sampling: Optional[dict] = None, instruction: Optional[str] = None, seed: int = 0):
-        import torch
 
         from aesformer.engines import make_engine, resolve_engine_kind
         from aesformer.pipeline import AesFormer
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        use_worker_threads()
         thinker = make_engine(resolve_engine_kind(engine), model_path, **(engine_options or {}))
         self.aesformer = AesFormer(thinker, None, instruction=instruction, sampling=sampling)
         self.seed = seed
@@ -100,12 +101,11 @@ class EditorPool:
                  negative_prompt: Optional[str], dtype: str = "float32", device: str = "auto", seed: int = 0,
                  height: Optional[int] = None, width: Optional[int] = None, editor_name: Optional[str] = None,
                  offload: bool = False):
-        import torch
 
         from aesformer.editor import Editor
         from aesformer.pipeline import AesFormer
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        use_worker_threads()
         editor = Editor.load(editor_path, lora=lora, control_area=control_area, condition_area=condition_area,
                              dtype=dtype, device=device, name=editor_name, offload=offload)
         self.aesformer = AesFormer(None, editor, steps=steps, true_cfg_scale=true_cfg_scale,

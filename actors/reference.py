@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import ray
 
+from aesformer.cluster import use_worker_threads
+
 
 @ray.remote
 class ReferenceWorker:
@@ -14,7 +16,7 @@ class ReferenceWorker:
                  micro_batch: int = 8, max_pixels: Optional[int] = None):
         import torch
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        use_worker_threads()
         from aesformer.models import load_vlm
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import ray
 
+from aesformer.cluster import use_worker_threads
+
 ALIGNMENT_MODES = ("judge", "rule")
 
 
@@ -34,8 +36,6 @@ class RewardWorker:
         self.judge = None
         self.score_ids: list[int] = []
         if needs_judge(self.weights, alignment):  # else no model, not even torch, is loaded
-            import torch
-
             from aesformer.actors.rollout import engine_options
             from aesformer.engines import make_engine, resolve_engine_kind
             from aesformer.models import score_token_ids
@@ -43,7 +43,7 @@ class RewardWorker:
             if not judge_path:
                 raise ValueError("the reward weights need the judge, but no judge model is configured (models.judge)")
             kind = resolve_engine_kind(engine_kind)
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            use_worker_threads()
             self.judge = make_engine(kind, judge_path, **engine_options(kind, options))
             self.score_ids = score_token_ids(self.judge.tokenizer())
 

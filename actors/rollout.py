@@ -13,29 +13,24 @@ from typing import Optional, Sequence
 
 import ray
 
-
-def _threads() -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+from aesformer.cluster import use_worker_threads
 
 
 def engine_options(kind: str, options: Optional[dict]) -> dict:
     """The options that apply to ``kind``; an hf engine on a GPU actor uses it."""
     import torch
 
+    # make_engine keeps only the options that apply to its kind
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     if kind == "hf":
         opts.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-        for key in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "seed"):
-            opts.pop(key, None)
     return opts
 
 
 @ray.remote
 class RolloutWorker:
     def __init__(self, engine_kind: str, model_path: str, options: Optional[dict] = None):
-        _threads()
+        use_worker_threads()
         from aesformer.engines import make_engine, resolve_engine_kind
 
         self.kind = resolve_engine_kind(engine_kind)

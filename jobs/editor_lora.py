@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from aesformer.cluster import init_ray
+from aesformer.cluster import init_ray, use_worker_threads
 from aesformer.config import JobConfig
 from aesformer.editor import DEFAULT_LORA_TARGETS, TARGET_ASPECTS
 from aesformer.job import setup
@@ -322,7 +322,6 @@ def _make_optimizer(name: str, params, lr: float, weight_decay: float, on_gpu: b
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: the transformer only, LoRA, flow matching."""
-    import os
 
     import ray.train
     import ray.train.torch
@@ -334,7 +333,7 @@ def train_loop(config: dict) -> None:
     from aesformer.editor import lora_config, resolve_dtype, save_lora, transformer_forward
     from aesformer.tracking import Tracker
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    use_worker_threads()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

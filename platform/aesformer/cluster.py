@@ -27,6 +27,13 @@ def worker_env(threads: int = 1) -> dict[str, str]:
     }
 
 
+def use_worker_threads() -> None:
+    """Give torch in this process the thread count :func:`worker_env` set."""
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
 def _package_is_installed() -> bool:
     import aesformer
 
@@ -64,7 +71,7 @@ def init_ray(ray_cfg: Any, *, extra_env: Optional[dict] = None):
         ray.init(
             address="local",
             num_cpus=num_cpus,
-            num_gpus=ray_cfg.num_gpus if ray_cfg.num_gpus is not None else None,
+            num_gpus=ray_cfg.num_gpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             **kwargs,
