@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -121,16 +120,15 @@ def request_images(request: Request) -> list:
 
 
 def prepare_image(image: Any, max_pixels: Optional[int] = None):
-    """RGB PIL image, downscaled (aspect kept) to at most ``max_pixels``."""
+    """RGB PIL image, downscaled (aspect kept) to at most ``max_pixels``:
+    the same resize SFT trains with."""
     from PIL import Image
+
+    from aesformer.sft import cap_pixels
 
     if not isinstance(image, Image.Image):
         raise TypeError(f"request images must be PIL images, got {type(image).__name__}")
-    image = image.convert("RGB")
-    if max_pixels and image.width * image.height > max_pixels:
-        scale = math.sqrt(max_pixels / (image.width * image.height))
-        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.BICUBIC)
-    return image
+    return cap_pixels(image.convert("RGB"), max_pixels)
 
 
 def prompt_text(processor: Any, request: Request) -> str:
@@ -280,7 +278,9 @@ def sequence_logprobs(model: Any, inputs: Mapping[str, Any], temperature: float 
     logp = token_logprobs(picked, labels) * mask
     if not with_entropy:
         return logp
-    return logp, entropy_from_logits(picked) * mask
+    with torch.no_grad():  # a metric: no gradient, and no [B, R, V] kept alive for backward
+        entropy = entropy_from_logits(picked)
+    return logp, entropy * mask
 
 
 def _pad_id(processor: Any) -> int:

@@ -145,8 +145,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax at each position: [..., V] → [...]."""
     logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse)
+    return lse.squeeze(-1) - (probs * logits).sum(-1)
 
 
 def masked_entropy(logits: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
