@@ -41,6 +41,15 @@ def probe_task() -> dict:
     return describe_worker()
 
 
+def matmul_checksum(n: int = 64, seed: int = 0) -> float:
+    """trace(A·Aᵀ) of a seeded random n×n matrix: the same number wherever torch computes it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g)
+    return float((a @ a.T).trace())
+
+
 @ray.remote(num_cpus=0.1)
 class NodeProbe:
     """A long-lived probe: checks that actors (not only tasks) import the
@@ -50,8 +59,4 @@ class NodeProbe:
         return describe_worker()
 
     def matmul_checksum(self, n: int = 64, seed: int = 0) -> float:
-        import torch
-
-        g = torch.Generator().manual_seed(seed)
-        a = torch.randn(n, n, generator=g)
-        return float((a @ a.T).trace())
+        return matmul_checksum(n, seed)

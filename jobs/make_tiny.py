@@ -39,7 +39,7 @@ def run(cfg: MakeTinyConfig) -> dict:
     returns their paths, sizes (MB) and the build time."""
     import torch
 
-    from aesformer.tiny import MODEL_KEYS, build_tiny_models
+    from aesformer.tiny import MODEL_KEYS, _dir_mb, build_tiny_models
 
     unknown = [k for k in cfg.which if k not in MODEL_KEYS]
     if unknown:
@@ -48,8 +48,7 @@ def run(cfg: MakeTinyConfig) -> dict:
     t0 = time.perf_counter()
     paths = build_tiny_models(cfg.output, seed=cfg.seed, which=cfg.which)
     seconds = time.perf_counter() - t0
-    sizes = {k: round(sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file()) / 2**20, 2)
-             for k, p in paths.items()}
+    sizes = {k: round(_dir_mb(Path(p)), 2) for k, p in paths.items()}
     for k, p in paths.items():
         log.info("%-9s %6.2f MB  %s", k, sizes[k], p)
     log.info("built %d models in %.1fs", len(cfg.which), seconds)

@@ -70,12 +70,9 @@ def run(cfg: QuickstartConfig) -> dict:
         log.info("━━ stage %s done in %.1fs", name, timings[name])
         return results[name]
 
-    if "models" in cfg.stages:
-        from aesformer.tiny import ensure_tiny_models
+    from aesformer.tiny import ensure_tiny_models
 
-        t0 = time.perf_counter()
-        results["models"] = ensure_tiny_models(cfg.models.cache_dir) if cfg.profile == "tiny" else {}
-        timings["models"] = round(time.perf_counter() - t0, 1)
+    stage("models", lambda _args: ensure_tiny_models(cfg.models.cache_dir) if cfg.profile == "tiny" else {})
 
     from aesformer.jobs import make_samples, vcmp
 

@@ -140,8 +140,10 @@ def write_contact_sheet(items: list[dict], done: dict[str, dict], path: Path, ma
 
     rows = []
     for it in items:
+        if len(rows) >= max_rows:
+            break
         rec = done.get(it["name"])
-        if rec is None or rec.get("status") != "ok" or len(rows) >= max_rows:
+        if rec is None or rec.get("status") != "ok":
             continue
         raw = it["data"] if it["data"] is not None else Path(it["source"]).read_bytes()
         photo = Image.open(io.BytesIO(raw)).convert("RGB")

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from typing import Any, Optional, Sequence, Union
 
-from aesformer.actions import DIMENSIONS, ActionPlan, PlanFormatError, extract_dimensions
+from aesformer.actions import DIMENSIONS, ActionPlan, extract_dimensions
 
 SCORE_TOKENS: tuple[str, ...] = ("0", "1", "2", "3", "4", "5")
 MAX_SCORE = len(SCORE_TOKENS) - 1
@@ -167,12 +167,8 @@ def _tokens(text: Optional[str]) -> Counter:
 
 
 def _dimension_texts(plan: PlanLike) -> dict[str, Optional[str]]:
-    if isinstance(plan, ActionPlan):
-        return plan.to_dict()
-    try:
-        return ActionPlan.parse(str(plan), strict=False).to_dict()
-    except PlanFormatError:
-        return extract_dimensions(str(plan))
+    # a plan that parses gives the same texts through extract_dimensions, so no parse first
+    return plan.to_dict() if isinstance(plan, ActionPlan) else extract_dimensions(str(plan))
 
 
 def _f1(a: Counter, b: Counter) -> float:

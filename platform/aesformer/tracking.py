@@ -44,7 +44,6 @@ class Tracker:
         tc = cfg.tracking
         if not tc.enabled:
             return cls(None, None, enabled=False)
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         out = Path(cfg.output)
@@ -64,7 +63,6 @@ class Tracker:
         params = {k: ("" if v is None else str(v))[:500] for k, v in flatten(to_dict(cfg)).items()}
         tracker.log_params(params)
         tracker.log_text(to_yaml(cfg), "config.yaml")
-        del mlflow
         return tracker
 
     @classmethod

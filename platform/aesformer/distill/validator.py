@@ -31,7 +31,7 @@ from aesformer.actions import DIMENSIONS, ActionPlan, PlanFormatError
 from aesformer.distill.chat import Reply
 from aesformer.distill.measured import (ASPECT_TOL, ROTATION_TOL, SHIFT_TOL, ZOOM_TOL, directions, ratio_name)
 from aesformer.distill.teachers import PairTask, measurement_hints
-from aesformer.rewards import ANSWER_INSTRUCTION, SCORE_TOKENS
+from aesformer.rewards import ANSWER_INSTRUCTION, MAX_SCORE, SCORE_TOKENS, expected_score
 
 # Reasons a plan fails; the last two are transport failures, not verdicts.
 REASONS = ("unparseable", "incomplete", "geometry_conflict", "judge_rejected", "judge_unreadable",
@@ -199,10 +199,7 @@ def score_from_logprobs(logprobs: dict[str, float]) -> Optional[float]:
         vals = {d: v for t, v in logprobs.items() if (d := t.strip()) in SCORE_TOKENS and math.isfinite(v)}
     if not vals:
         return None
-    top = max(vals.values())
-    weights = {d: math.exp(v - top) for d, v in vals.items()}
-    total = sum(weights.values())
-    return sum(int(d) * w for d, w in weights.items()) / total / (len(SCORE_TOKENS) - 1)
+    return expected_score([vals.get(d, -math.inf) for d in SCORE_TOKENS])
 
 
 _DIGIT_RE = re.compile(r"(?<![\d.])([0-5])(?![\d.])")
@@ -211,7 +208,7 @@ _DIGIT_RE = re.compile(r"(?<![\d.])([0-5])(?![\d.])")
 def score_from_text(text: Optional[str]) -> Optional[float]:
     """The first digit 0–5 standing alone in the reply, divided by 5."""
     m = _DIGIT_RE.search((text or "")[:200])
-    return None if m is None else int(m.group(1)) / (len(SCORE_TOKENS) - 1)
+    return None if m is None else int(m.group(1)) / MAX_SCORE
 
 
 class Judge:
