@@ -522,6 +522,7 @@ def validation_pairs(cfg: EditorLoraConfig, data: str, rows: list[dict]) -> list
     data's; each with its target bucket size (the size of the edited image)."""
     from aesformer.data import decode_image, iter_pairs
     from aesformer.editor import bucket_size
+    from aesformer.pipeline import normalise_plan
 
     n = cfg.validation.pairs
     ids = sorted(r["id"] for r in iter_pairs(data, ["id", "plan", "split"]) if r.get("plan") and r.get("split") == "test")
@@ -531,8 +532,9 @@ def validation_pairs(cfg: EditorLoraConfig, data: str, rows: list[dict]) -> list
         if r["id"] in ids:
             good = decode_image(r["good_image"])
             w, h = bucket_size(good.width, good.height, cfg.target_area, cfg.aspects)
+            # the plan as training saw it (canonical rendering), so the grids show what was learned
             pairs.append({"id": r["id"], "poor_image": r["poor_image"], "good_image": r["good_image"],
-                          "plan": r["plan"], "width": w, "height": h})
+                          "plan": normalise_plan(r["plan"] or "")[0], "width": w, "height": h})
     return sorted(pairs, key=lambda p: p["id"])
 
 
