@@ -156,10 +156,11 @@ def segment_batch(batch, seg: Any):
                            lambda rows: [out for row in rows for out in segment_stage(row, seg)]))
 
 
-def sample_batch(batch, sample: Any, pre: Any):
+def sample_batch(batch, sample: Any, pre: Any, improvement: Any = None):
     from aesformer.vcmp.flow import sample_stage
 
-    return R.table(guarded("sample", R.rows_of(batch), lambda rows: [sample_stage(row, sample, pre) for row in rows]))
+    return R.table(guarded("sample", R.rows_of(batch),
+                           lambda rows: [sample_stage(row, sample, pre, improvement) for row in rows]))
 
 
 # -- stage 5b + 6: good frames and coarse pairs ----------------------------------------------

@@ -30,9 +30,9 @@ from aesformer.cluster import init_ray
 from aesformer.config import JobConfig
 from aesformer.job import setup
 from aesformer.tracking import Tracker
-from aesformer.vcmp.settings import (AlignConfig, GoodFrameConfig, IngestConfig, OverlayConfig, PoolsConfig,
-                                     PrefilterConfig, QualityConfig, SampleConfig, ScreenConfig, SegmentConfig,
-                                     SplitConfig)
+from aesformer.vcmp.settings import (AlignConfig, GoodFrameConfig, ImprovementConfig, IngestConfig, OverlayConfig,
+                                     PoolsConfig, PrefilterConfig, QualityConfig, SampleConfig, ScreenConfig,
+                                     SegmentConfig, SplitConfig)
 
 log = logging.getLogger("vcmp")
 
@@ -56,6 +56,7 @@ class VcmpConfig(JobConfig):
     sample: SampleConfig = field(default_factory=SampleConfig)
     prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
     good_frame: GoodFrameConfig = field(default_factory=GoodFrameConfig)
+    improvement: ImprovementConfig = field(default_factory=ImprovementConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -140,7 +141,8 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
     cpu = dict(ray_remote_args_fn=functools.partial(cpu_task_args, cfg.cpu_stage_cpus),
                compute=TaskPoolStrategy(size=cfg.cpu_stage_tasks), batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
-    ds = ds.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter}, **cpu)
+    ds = ds.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter,
+                                                  "improvement": cfg.improvement}, **cpu)
     ds = ds.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=judge, good=cfg.good_frame, **common))
     ds = ds.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
     ds = ds.map_batches(**pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay,
