@@ -119,21 +119,26 @@ def low_pass_change(poor: np.ndarray, frame: np.ndarray, width: int = 64) -> flo
 
 def view_change(poor: np.ndarray, frame: np.ndarray, *, min_inliers: int = 8, max_scale_change: float = 0.05,
                 max_rotation_deg: float = 2.0, max_shift: float = 0.04, min_change: float = 0.03,
-                match_side: int = 320) -> dict:
+                min_detail: float = 60.0, match_side: int = 320) -> dict:
     """Does ``frame`` show an improvement over the ``poor`` frame, or the
-    same picture? {same, reason, scale, rotation_deg, change}.
+    same picture? {same, reason, scale, rotation_deg, inliers, change}.
 
     The same picture: features of the whole frames (overlays included)
     match under a near-identity transform — the same shot held, a hand's
     jitter, noise, compression or a new caption — or, when too few features
-    match (a blurred still), the blurred thumbnails hardly differ."""
+    match or one frame is a blurred still (its only features are a caption's
+    letters; :func:`aesformer.vcmp.prefilter.detail` below ``min_detail``),
+    the blurred thumbnails hardly differ."""
+    from aesformer.vcmp.prefilter import detail
+
     g = geometric_check(poor, frame, match_side=match_side, poor_rows=(0.0, 1.0))
     change = round(low_pass_change(poor, frame), 4)
     out = {"scale": g["scale"], "rotation_deg": g["rotation_deg"], "inliers": g["inliers"], "change": change}
     if g["inliers"] >= min_inliers and is_identity(g, poor.shape, max_scale_change, max_rotation_deg, max_shift):
         return {**out, "same": True, "reason": f"no improvement: the poor frame's view ({g['inliers']} features "
                                                f"match, scale {g['scale']:.2f}, tilt {g['rotation_deg']:.1f} deg)"}
-    if g["inliers"] < min_inliers and change < min_change:
+    featureless = g["inliers"] < min_inliers or min(detail(poor), detail(frame)) < min_detail
+    if featureless and change < min_change:
         return {**out, "same": True, "reason": f"no improvement: hardly differs from the poor frame "
                                                f"(change {change:.3f} < {min_change})"}
     return {**out, "same": False, "reason": "view changed"}

@@ -91,7 +91,7 @@ def sample_stage(row: dict, sample: Any, pre: Any, improvement: Any = None) -> d
             v = view_change(arrays[0], arrays[i], min_inliers=improvement.min_inliers,
                             max_scale_change=improvement.max_scale_change,
                             max_rotation_deg=improvement.max_rotation_deg, max_shift=improvement.max_shift,
-                            min_change=improvement.min_change)
+                            min_change=improvement.min_change, min_detail=pre.min_detail)
             f["same_view"] = v.pop("same")
             f["view"] = v
         if i == 0 or ok:

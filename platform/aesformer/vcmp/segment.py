@@ -100,24 +100,31 @@ def shots_from_frames(frames: Iterable[tuple[float, np.ndarray]], threshold: flo
     return shots
 
 
-def same_scene(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+def same_scene(a: Optional[np.ndarray], b: Optional[np.ndarray], min_detail: float = 60.0) -> Optional[bool]:
     """Whether two frames show overlapping views of one scene (ORB + RANSAC,
-    :mod:`aesformer.vcmp.align`): a re-framing of the same photo, whatever
-    overlays and colours changed."""
+    :mod:`aesformer.vcmp.align`): True for a re-framing of the same photo,
+    whatever overlays and colours changed; False when both frames are
+    detailed (see :func:`aesformer.vcmp.prefilter.detail`) and still do not
+    match; None when that cannot be told (a blurred or dark frame)."""
     if a is None or b is None:
-        return False
+        return None
     from aesformer.vcmp.align import geometric_check, plausible_transform
+    from aesformer.vcmp.prefilter import detail
 
     g = geometric_check(a, b, n_features=500, match_side=max(a.shape[:2]))
-    return plausible_transform(g, min_inliers=10, min_inlier_ratio=0.3, min_overlap=0.3)[0]
+    if plausible_transform(g, min_inliers=10, min_inlier_ratio=0.3, min_overlap=0.2)[0]:
+        return True
+    return False if min(detail(a), detail(b)) >= min_detail else None
 
 
 def merge_shots(shots: Sequence[Shot], merge_similarity: float, min_shot_s: float,
                 geometric: bool = True) -> list[Shot]:
-    """Merge adjacent shots of the same scene (colours alike, or with
-    ``geometric`` their last frames a re-framing of one scene: a cut or a
-    fade from the poor view to the result), fold short shots into their
-    more similar neighbour, and merge once more across what was folded."""
+    """Merge adjacent shots of the same scene, fold short shots into their
+    more similar neighbour, and merge once more across what was folded.
+    With ``geometric``, shots whose last frames are a re-framing of one
+    scene merge (a cut or a fade from the poor view to the result), two
+    detailed frames of different scenes never do, and colours decide the
+    rest; without it, colours decide."""
     def join(a: Shot, b: Shot) -> Shot:
         n = a.frames + b.frames
         last = b.last if b.end - b.start >= min_shot_s or a.last is None else a.last  # a short shot: a fade's black
@@ -126,8 +133,8 @@ def merge_shots(shots: Sequence[Shot], merge_similarity: float, min_shot_s: floa
     def merge_pass(shots: Sequence[Shot]) -> list[Shot]:
         out: list[Shot] = []
         for s in shots:
-            if out and (hist_similarity(out[-1].hist, s.hist) >= merge_similarity
-                        or (geometric and same_scene(out[-1].last, s.last))):
+            scene = same_scene(out[-1].last, s.last) if out and geometric else None
+            if out and (scene or (scene is None and hist_similarity(out[-1].hist, s.hist) >= merge_similarity)):
                 out[-1] = join(out[-1], s)
             else:
                 out.append(s)

@@ -164,8 +164,9 @@ class AlignConfig:
     # ORB + RANSAC: matches consistent with one similarity transform
     min_inliers: int = 8
     min_inlier_ratio: float = 0.2
-    # fraction of the good image that the poor view also covers
-    min_overlap: float = 0.3
+    # fraction of the good image that the poor view also covers (a too-tight poor shot of a
+    # portrait, taken sideways, covers about a quarter of it)
+    min_overlap: float = 0.2
     # a camera-like transform: scale change and tilt within these
     min_scale: float = 0.3
     max_scale: float = 3.0
