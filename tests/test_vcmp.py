@@ -147,9 +147,10 @@ def broken_run(samples, tmp_path_factory, ray_session, clean_run):
     out = tmp_path_factory.mktemp("vcmp_broken")
     # one video at a time through each stage, each made durable as it finishes: the
     # first record appears while the later videos are still in the stream
+    # (and a pool per model stage, as on a GPU cluster: the clean run had them in one actor)
     narrow = [f"pools.{p}.batch_size=1" for p in ("screen", "good_frame", "quality", "overlay", "align")]
     args = [f"input={folder}", f"output={out}", "tracking.enabled=false", "shard_rows=4", "checkpoint_s=0",
-            "cpu_stage_tasks=1", *narrow]
+            "cpu_stage_tasks=1", "fuse_pair_stages=false", *narrow]
     address = ray_session.get_runtime_context().gcs_address
     log_path = tmp_path_factory.mktemp("vcmp_killed_log") / "driver.log"
     log_file = open(log_path, "w")

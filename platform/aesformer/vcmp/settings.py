@@ -26,6 +26,8 @@ class PoolsConfig:
     quality: PoolConfig = field(default_factory=PoolConfig)
     overlay: PoolConfig = field(default_factory=PoolConfig)
     align: PoolConfig = field(default_factory=PoolConfig)
+    # stages good_frame to align in one pool (fuse_pair_stages: true)
+    pairs: PoolConfig = field(default_factory=PoolConfig)
 
 
 @dataclass
