@@ -379,3 +379,36 @@ def test_a_cut_from_the_poor_view_to_the_result_stays_one_segment(tmp_path):
     assert e["transition_kind"] == "cut"
     segs = segment_video(str(tmp_path / "cut.mp4"), truth["duration"])
     assert any(abs(s["start"] - e["start"]) <= 0.1 and s["end"] >= e["good"][1] - 0.1 for s in segs), (e, segs)
+
+
+@pytest.mark.timeout(600)
+def test_fused_pair_stages_decide_like_separate_ones(video, tiny_models):
+    """MinePairs (stages good_frame to align in one actor, one judge) gives
+    the rows the four stage callables give one after another."""
+    from aesformer.actors.vcmp_actors import (CheckAlignment, FilterGoodImages, JudgeGoodFrames, MinePairs,
+                                              RemoveOverlays)
+    from aesformer.jobs.vcmp import VcmpConfig
+    from aesformer.config import load_config
+    from aesformer.vcmp import rows as R
+    from aesformer.vcmp.flow import sample_stage, segment_stage
+    from aesformer.vcmp.ingest import probe
+
+    path, truth = video
+    cfg = load_config(VcmpConfig, "vcmp", ["input=x"])
+    row = R.new_row({"video_id": "v", "path": str(path)}, {"probe": probe(path), "screen": {"keep": True}})
+    segs = [sample_stage(s, cfg.sample, cfg.prefilter, cfg.improvement) for s in segment_stage(row, cfg.segment)]
+    table = R.table(segs)
+    common = dict(judge=tiny_models["judge"], engine="hf", max_pixels=cfg.judge_max_pixels, batch_size=8)
+    fused = MinePairs(editor=tiny_models["editor"], good=cfg.good_frame, quality=cfg.quality,
+                      overlay=cfg.overlay, align=cfg.align, **common)
+    got = [R.info(r) for r in R.rows_of(fused(table))]
+    want = table
+    for stage in (JudgeGoodFrames(good=cfg.good_frame, **common), FilterGoodImages(quality=cfg.quality, **common),
+                  RemoveOverlays(editor=tiny_models["editor"], overlay=cfg.overlay, **common),
+                  CheckAlignment(align=cfg.align, **common)):
+        want = stage(want)
+    want = [R.info(r) for r in R.rows_of(want)]
+    decided = lambda infos: [[(p["id"], p["dropped"], [d["stage"] for d in p["decisions"]]) for p in i.get("pairs", [])]
+                             for i in infos]
+    assert decided(got) == decided(want)
+    assert any(i.get("pairs") for i in got)
