@@ -502,7 +502,7 @@ def run(cfg: EvaluateConfig) -> dict:
         for sc, v in s["scores"].items():
             metrics[f"{name}.{sc}"] = v["mean"]
     tracker.log_metrics(metrics)
-    tracker.log_params({"judge." + k: str(v) for k, v in meta["judge"].items()})
+    tracker.log_params({"judge_used." + k: str(v) for k, v in meta["judge"].items()})
     for name in ("report.md", "report.html", "report.json", "win_rates.png", "scores.png", "cases.png", "pairs.json"):
         if (out / name).exists():
             tracker.log_artifact(out / name, "report")

@@ -54,10 +54,13 @@ def summarise(systems: Sequence[Any], verdicts: Sequence[dict], scores: Sequence
                 system, _, _, reference = key.split("|")
                 if system != spec.name or reference != ref:
                     continue
-                outs = [o["outcome"] for o in orders.values() if o["outcome"]]
+                # a comparison counts only when every order asked has a verdict: one
+                # order alone of a both-orders comparison would bring the position bias back
+                outs = [o["outcome"] for o in orders.values()]
                 judged_total += len(orders)
                 requests += sum(int(o["requests"] or 0) for o in orders.values())
                 failed += [o for o in orders.values() if not o["outcome"]]
+                outs = outs if all(outs) else []
                 if outs:
                     comps.append(outs)
                 if OUTPUT_FIRST in orders and REFERENCE_FIRST in orders:

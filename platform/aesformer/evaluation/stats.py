@@ -15,7 +15,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 OUTCOME_VALUE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-TIE_RULE = "a tie counts as half a win; a comparison asked in both A/B orders scores the mean of the two"
+TIE_RULE = ("a tie counts as half a win; a comparison asked in both A/B orders scores the mean of the two; "
+            "a comparison with a failed judgement is left out (and counted under judge failures)")
 
 
 def outcome_value(outcomes: Sequence[str]) -> float:
