@@ -151,7 +151,8 @@ def system_catalog(cfg: EvaluateConfig):
         import yaml
 
         catalog = dict((yaml.safe_load(path.read_text()) or {}).get("systems") or {})
-    catalog.update(cfg.catalog or {})
+    for name, override in (cfg.catalog or {}).items():  # a field set here replaces the same field only
+        catalog[name] = {**(catalog.get(name) or {}), **(override or {})}
     return parse_systems(catalog, cfg.systems)
 
 

@@ -9,6 +9,10 @@ result lies and how to look at it.
 
     python jobs/quickstart.py                       # everything, ~minutes on 2 cores
     python jobs/quickstart.py stages=[samples,vcmp]  # a prefix of the pipeline
+    python jobs/quickstart.py stages=[models,samples,vcmp,distill,sft,grpo_a,editor_lora,reconstruct,evaluate]
+
+``evaluate`` (judged win rates, scores, the report, over the four built-in
+systems) runs only when named in ``stages=``: it adds a few minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from aesformer.tracking import default_uri
 log = logging.getLogger("quickstart")
 
 STAGES = ["models", "samples", "vcmp", "distill", "sft", "grpo_a", "editor_lora", "reconstruct"]
+OPTIONAL_STAGES = ["evaluate"]  # run only when named in stages=
 
 
 @dataclass
@@ -52,9 +57,9 @@ def _common(cfg: QuickstartConfig, stage: str) -> list[str]:
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    unknown = [s for s in cfg.stages if s not in STAGES + OPTIONAL_STAGES]
     if unknown:
-        raise SystemExit(f"quickstart: unknown stage(s) {unknown}; stages are {STAGES}")
+        raise SystemExit(f"quickstart: unknown stage(s) {unknown}; stages are {STAGES + OPTIONAL_STAGES}")
     out = Path(cfg.output)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
@@ -103,10 +108,21 @@ def run(cfg: QuickstartConfig) -> dict:
     stage("reconstruct", reconstruct.main, f"input={planned}",
           f"models.thinker={thinker}", f"lora={lora_dir}")
 
+    from aesformer.jobs import evaluate
+
+    # the quickstart's few pairs: evaluate a handful of them whatever their split
+    stage("evaluate", lambda args: _brief(evaluate.main(args)), f"data={planned}", "split=null", "limit=4",
+          f"trained_thinker={thinker}", f"lora={lora_dir}")
+
     summary = {"output": str(out.resolve()), "timings_s": timings, "stages": results}
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
     print(_where_things_are(cfg, results, timings))
     return summary
+
+
+def _brief(result: dict) -> dict:
+    """The evaluate job's result without the nested summary (quickstart.json stays readable)."""
+    return {k: v for k, v in result.items() if k not in ("summary", "scorers")}
 
 
 def _where_things_are(cfg: QuickstartConfig, results: dict, timings: dict) -> str:

@@ -159,3 +159,19 @@ def test_report_tables_put_the_papers_figures_beside_ours(tmp_path):
 def test_paper_figures_are_the_published_ones():
     assert paper.TABLE_1["AesFormer"] == {"win_vs_poor": 65.33, "win_vs_good": 26.25, "artimuse": None,
                                           "laion": 5.60, "qalign": 3.51}
+
+
+def test_the_stage_ablation_is_one_config_file():
+    from aesformer.config import load_config
+    from aesformer.jobs.evaluate import EvaluateConfig, system_catalog
+
+    cfg = load_config(EvaluateConfig, "evaluate", ["catalog_file=evaluate_ablation.yaml"])
+    specs = system_catalog(cfg)
+    assert [s.label for s in specs] == ["SFT only", "SFT + editor LoRA", "SFT + GRPO-A + editor LoRA",
+                                        "Shuffled dimension order"]
+    assert all(s.table == 2 for s in specs) and [s.shuffle_dimensions for s in specs] == [False, False, False, True]
+    assert [s.thinker for s in specs] == ["sft", "sft", "trained", "trained"]
+    # the built-ins, one field overridden from the command line
+    cfg = load_config(EvaluateConfig, "evaluate", ["catalog.aesformer.lora=none"])
+    aes = system_catalog(cfg)[0]
+    assert (aes.name, aes.lora, aes.paper, aes.label) == ("aesformer", "none", "AesFormer", "AesFormer")
