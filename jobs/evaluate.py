@@ -357,6 +357,8 @@ def score_all(cfg: EvaluateConfig, systems, photos, store) -> tuple[dict, int]:
     from aesformer.evaluation.systems import finished_outputs, output_dir
 
     have = store.score_keys()
+    status_file = Path(cfg.output) / "scorers.json"  # what each scorer was, kept for reruns that compute nothing
+    earlier = json.loads(status_file.read_text()) if status_file.exists() else {}
     status, computed = {}, 0
     items = []
     for p in photos:
@@ -374,7 +376,7 @@ def score_all(cfg: EvaluateConfig, systems, photos, store) -> tuple[dict, int]:
         name = sspec.name or sspec.kind
         todo = [it for it in items if (name, it[0], it[1], it[2]) not in have]
         if not todo:
-            status[name] = "ok (all cached)"
+            status[name] = earlier.get(name, "ok (all scores cached)")
             continue
         try:
             scorer = load_scorer(sspec, cache_dir=cfg.models.cache_dir)
@@ -389,6 +391,7 @@ def score_all(cfg: EvaluateConfig, systems, photos, store) -> tuple[dict, int]:
                              for it, v in zip(part, values))
             computed += len(part)
         status[name] = f"ok, scale {scorer.scale[0]:g}-{scorer.scale[1]:g} ({scorer.settings.get('kind')})"
+    status_file.write_text(json.dumps({**earlier, **status}, indent=1))
     return status, computed
 
 
