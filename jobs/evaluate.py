@@ -33,7 +33,8 @@ from typing import Optional
 
 from aesformer.cluster import init_ray
 from aesformer.config import ConfigError, JobConfig, conf_dir
-from aesformer.job import setup
+from aesformer.job import run_job
+from aesformer.progress import DETAIL, Progress
 from aesformer.jobs.reconstruct import EditorSettings, ThinkerSettings
 from aesformer.tracking import Tracker
 
@@ -250,9 +251,11 @@ def generate(cfg: EvaluateConfig, spec, models: dict, folder: Path, photos: list
                                    device="cuda" if ed.num_gpus else "cpu", seed=seed, height=ed.height,
                                    width=ed.width, editor_name=cfg.models.editor, offload=ed.offload))
     made = 0
-    for rec in ds.iter_rows():
-        made += rec["status"] == "ok"
-        log.info("%s seed %d: %s %s", spec.name, seed, rec["name"], rec["status"])
+    with Progress(f"generate {spec.name}", len(items), "photos") as bar:
+        for rec in ds.iter_rows():
+            made += rec["status"] == "ok"
+            log.info("%s seed %d: %s %s", spec.name, seed, rec["name"], rec["status"], extra=DETAIL)
+            bar.update(1)
     return made
 
 
@@ -307,7 +310,7 @@ def ask_judge(cfg: EvaluateConfig, rows: list[dict], store) -> dict:
         counts["requests"] += int(rec["requests"] or 0)
         counts["failed"] += rec["outcome"] is None
         if rec["outcome"] is None:
-            log.warning("judge failed on %s (%s): %s", rec["key"], rec["ord"], rec["error"])
+            log.warning("judge failed on %s (%s): %s", rec["key"], rec["ord"], rec["error"], extra=DETAIL)
 
     if not rows:
         return counts
@@ -341,8 +344,10 @@ def ask_judge(cfg: EvaluateConfig, rows: list[dict], store) -> dict:
     ds = ds.map_batches(LocalJudge, batch_format="pyarrow", batch_size=j.batch_size, compute=ActorPoolStrategy(size=j.pool),
                         num_gpus=j.num_gpus, num_cpus=j.num_cpus,
                         fn_constructor_kwargs=dict(model_path=path, engine=j.engine, engine_options=options))
-    for rec in ds.iter_rows():
-        keep(dict(rec))
+    with Progress("judge", len(rows), "judgements") as bar:
+        for rec in ds.iter_rows():
+            keep(dict(rec))
+            bar.update(1)
     return counts
 
 
@@ -448,13 +453,25 @@ def write_report(cfg: EvaluateConfig, systems, photos, store, meta: dict) -> dic
 
 def run(cfg: EvaluateConfig) -> dict:
     from aesformer.evaluation.store import open_store
-    from aesformer.evaluation.systems import check_spec, output_dir
 
     out = Path(cfg.output)
     systems = system_catalog(cfg)
     photos = load_photos(cfg, out)
-    tracker = Tracker.start(cfg, "evaluate")
-    store = open_store(out)
+    with Tracker.start(cfg, "evaluate") as tracker:
+        store = open_store(out)
+        try:
+            result = _evaluate(cfg, systems, photos, store, tracker)
+        finally:
+            store.close()
+    log.info("report: %s (generated %d, judge requests %d)", result["report"], result["generated"],
+             result["judge_requests"])
+    return result
+
+
+def _evaluate(cfg: EvaluateConfig, systems, photos, store, tracker) -> dict:
+    from aesformer.evaluation.systems import check_spec, finished_outputs, output_dir
+
+    out = Path(cfg.output)
     log.info("%d photos, %d systems (%s), seeds %s", len(photos), len(systems), ", ".join(s.name for s in systems),
              cfg.seeds)
     t0 = time.perf_counter()
@@ -464,8 +481,6 @@ def run(cfg: EvaluateConfig) -> dict:
             models = resolve_system(cfg, spec)
             check_spec(out, spec, models)
             for seed in cfg.seeds:
-                from aesformer.evaluation.systems import finished_outputs
-
                 folder = output_dir(out, spec.name, seed)
                 done = finished_outputs(folder)
                 todo = [p for p in photos if p["name"] not in done]
@@ -510,15 +525,30 @@ def run(cfg: EvaluateConfig) -> dict:
     for name in ("report.md", "report.html", "report.json", "win_rates.png", "scores.png", "cases.png", "pairs.json"):
         if (out / name).exists():
             tracker.log_artifact(out / name, "report")
-    tracker.finish()
-    store.close()
-    log.info("report: %s (generated %d, judge requests %d)", out / "report.md", generated, judged["requests"])
     return result
 
 
+def check_inputs(cfg: EvaluateConfig) -> None:
+    """Before anything starts: the data exists and every system is well defined."""
+    from aesformer.data import finished_shards
+
+    if not cfg.data:
+        raise ConfigError("data= is required: an AesRecon folder")
+    if not Path(cfg.data).expanduser().exists():
+        raise ConfigError(f"data='{cfg.data}' does not exist: pass an AesRecon folder")
+    if not finished_shards(Path(cfg.data).expanduser()):
+        raise ConfigError(f"data='{cfg.data}' holds no finished AesRecon shards")
+    if cfg.judge.kind not in ("local", "openai"):
+        raise ConfigError(f"judge.kind must be local or openai, got '{cfg.judge.kind}'")
+    if cfg.judge.kind == "openai" and not (cfg.judge.endpoint.base_url and cfg.judge.endpoint.model):
+        raise ConfigError("judge.kind=openai needs judge.endpoint.base_url and judge.endpoint.model")
+    if not cfg.seeds:
+        raise ConfigError("seeds= must name at least one seed")
+    system_catalog(cfg)
+
+
 def main(argv=None) -> dict:
-    cfg = setup(EvaluateConfig, "evaluate", argv)
-    return run(cfg)
+    return run_job(EvaluateConfig, "evaluate", run, argv, check=check_inputs)
 
 
 if __name__ == "__main__":

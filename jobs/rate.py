@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from aesformer.config import ConfigError, JobConfig
-from aesformer.job import setup
+from aesformer.job import run_job
 
 log = logging.getLogger("rate")
 
@@ -33,26 +33,26 @@ class RateConfig(JobConfig):
     port: int = 0                    # 0: a free port (printed)
 
 
+def check_inputs(cfg: RateConfig) -> None:
+    if not cfg.study:
+        raise ConfigError("study= is required: an evaluate job's output folder")
+    if not (Path(cfg.study).expanduser() / "pairs.json").exists():
+        raise ConfigError(f"study='{cfg.study}' has no pairs.json: run jobs/evaluate.py with output={cfg.study} first")
+
+
 def serve(cfg: RateConfig):
+    """The rating server, started (in a thread); ``server.url`` is its address."""
     from aesformer.evaluation.rating import RatingServer
     from aesformer.evaluation.store import open_store
 
-    if not cfg.study:
-        raise ConfigError("study= is required: an evaluate job's output folder")
-    pairs_path = Path(cfg.study) / "pairs.json"
-    if not pairs_path.exists():
-        raise ConfigError(f"study '{cfg.study}' has no pairs.json: run jobs/evaluate.py with output={cfg.study} first")
-    pairs = json.loads(pairs_path.read_text())
-    server = RatingServer(open_store(cfg.study), pairs, host=cfg.host, port=cfg.port, seed=cfg.seed).start()
-    return server
+    check_inputs(cfg)
+    study = Path(cfg.study).expanduser()
+    pairs = json.loads((study / "pairs.json").read_text())
+    return RatingServer(open_store(study), pairs, host=cfg.host, port=cfg.port, seed=cfg.seed).start()
 
 
-def main(argv=None) -> None:
-    cfg = setup(RateConfig, "rate", argv)
-    try:
-        server = serve(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"rate: {e}") from None
+def run(cfg: RateConfig) -> None:
+    server = serve(cfg)
     print(f"rating page: {server.url}  ({len(server.pairs)} pairs; Ctrl-C stops)", flush=True)
     try:
         while True:
@@ -61,6 +61,10 @@ def main(argv=None) -> None:
         pass
     finally:
         server.stop()
+
+
+def main(argv=None) -> None:
+    run_job(RateConfig, "rate", run, argv, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 Ray Data, the tiny VLM judging in both orders, the scorers (LAION on a tiny
 CLIP stand-in, Q-Align on the tiny VLM, ArtiMuse absent and skipped), the
 whole report, MLflow, and a rerun that generates and asks nothing."""
-import json
-from pathlib import Path
 
 import pytest
 

@@ -2,7 +2,6 @@
 500, truncated JSON, a reply with no verdict): it finishes, records every
 failure, and a rerun asks nothing again. No Ray: the identity baseline
 needs no model and the endpoint judge runs in the driver."""
-import json
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,5 @@
 """Evaluation math and formats: win rates with ties, bootstrap intervals,
 position bias, Cohen's kappa, verdict parsing, A/B orders, systems, the report."""
-import json
 
 import numpy as np
 import pytest

@@ -144,7 +144,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _notes(summary: dict, meta: dict) -> list[str]:
-    notes = [f"Ties: {summary['tie_rule']}.", f"Intervals: percentile bootstrap over comparisons, 95%.",
+    notes = [f"Ties: {summary['tie_rule']}.", "Intervals: percentile bootstrap over comparisons, 95%.",
              f"Paper figures: {paper.CITATION}; a figure not transcribed shows n/a."]
     judge = meta.get("judge") or {}
     notes.append("Judge: " + ", ".join(f"{k}={v}" for k, v in judge.items()))
