@@ -55,10 +55,6 @@ class EndpointSettings:
     concurrency: int = 4
     image_max_side: int = 1024
 
-    def client_args(self) -> dict:
-        d = asdict(self)
-        return d
-
 
 @dataclass
 class JudgeSettings:

@@ -23,6 +23,23 @@ def _args(data, out, laion):
             "n_boot=500", "ray.num_cpus=4", f"scorers={scorers}"]
 
 
+def _start_ray(attempts: int = 3):
+    """The job's local Ray, started here once for both runs; on a crowded machine
+    its node may miss Ray's 30 s start-up window, so it gets a few tries."""
+    from aesformer.cluster import init_ray
+    from aesformer.config import RayConfig
+
+    for i in range(attempts):
+        try:
+            return init_ray(RayConfig(num_cpus=4, num_gpus=0))
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception on a start-up timeout
+            if i == attempts - 1:
+                raise
+            import ray
+
+            ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def evaluated(tiny_models, tmp_path_factory):
     from aesformer.cluster import shutdown_ray
@@ -31,6 +48,7 @@ def evaluated(tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     data = write_eval_pairs(tmp / "data", n=3, side=64)
     laion = write_tiny_laion(tmp / "laion")
+    _start_ray()
     try:
         first = evaluate.main(_args(data, tmp / "out", laion))
         again = evaluate.main(_args(data, tmp / "out", laion))
