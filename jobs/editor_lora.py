@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aesformer.cluster import init_ray, use_worker_threads
+from aesformer.storage import check_across_nodes
 from aesformer.config import JobConfig
 from aesformer.editor import DEFAULT_LORA_TARGETS, TARGET_ASPECTS
 from aesformer.job import setup
@@ -550,7 +551,7 @@ def run(cfg: EditorLoraConfig) -> dict:
     out = Path(cfg.output)
     tracker = Tracker.start(cfg, "editor_lora")
     with tracker.phase("ray_init"):
-        init_ray(cfg.ray)
+        check_across_nodes(cfg, init_ray(cfg.ray))  # output shared by every node, no SQLite across nodes
     editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
     data = cfg.data
     if data is None:

@@ -33,6 +33,7 @@ from typing import Any, Optional
 import pyarrow.compute as pc
 
 from aesformer.cluster import init_ray
+from aesformer.storage import check_across_nodes
 from aesformer.config import ConfigError, JobConfig
 from aesformer.job import setup
 from aesformer.tracking import Tracker
@@ -407,6 +408,7 @@ def run(cfg: SFTConfig) -> dict:
     _check(cfg)
     workers = _num_workers(cfg.num_workers)
     ray = init_ray(cfg.ray)
+    check_across_nodes(cfg, ray)  # output shared by every node, no SQLite tracking file across nodes
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.data import ExecutionOptions

@@ -158,3 +158,14 @@ def submit_job(head: dict, entrypoint: list[str], timeout: int = 600, attempts: 
             raise AssertionError(f"job submit exited {proc.returncode}\n--- stdout\n{proc.stdout[-8000:]}\n--- stderr\n{proc.stderr[-4000:]}")
         time.sleep(5)
     raise AssertionError("unreachable")
+
+
+def local_cluster_module():
+    """cluster/local_cluster.py, the multi-node cluster on one machine."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_cluster", REPO / "cluster" / "local_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("local_cluster", module)
+    spec.loader.exec_module(module)
+    return module

@@ -67,3 +67,60 @@ def test_cpu_asks_that_fit_are_left_alone():
     asks = [PoolAsk("learner", 2, {"CPU": 1})]
     assert shrink_cpus(asks, [Node("head", {"CPU": 8})]) == 1.0
     assert asks[0].bundle == {"CPU": 1.0}
+
+
+def grpo_cfg(*args):
+    from aesformer.config import load_config
+    from aesformer.jobs.grpo_a import GrpoAConfig
+
+    return load_config(GrpoAConfig, "grpo_a", list(args))
+
+
+def test_the_a40_profile_fits_two_nodes_of_eight_a40_with_the_learner_on_one():
+    from aesformer.jobs.grpo_a import fit_pools
+
+    cfg = grpo_cfg("profile=a40")
+    asks, placed = fit_pools(cfg, a40_nodes())
+    assert sum(a.total().get("GPU", 0) for a in asks) == 16
+    assert placed["learner"] == {"strategy": "STRICT_PACK", "nodes": ["gpu0"] * 8}
+    assert cfg.learner.placement == "STRICT_PACK"
+
+
+def test_the_tiny_profile_shrinks_its_cpu_asks_to_a_two_core_head():
+    from aesformer.jobs.grpo_a import fit_pools
+
+    cfg = grpo_cfg("profile=tiny")
+    asks, placed = fit_pools(cfg, [Node("head", {"CPU": 2})])
+    assert sum(a.total()["CPU"] for a in asks) <= 2
+    assert cfg.rollout.cpus_per_actor == cfg.learner.cpus_per_worker < 1
+    assert placed["learner"]["nodes"] == ["head"] * cfg.learner.workers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_a40_plan_passes_on_a_head_declaring_16_gpus_and_fails_fast_with_the_table_on_8(tmp_path):
+    """``ray start --head --num-gpus N``: nothing loads, only the plan is checked."""
+    import subprocess
+    import time
+
+    from helpers import PYTHON, REPO, local_cluster_module
+
+    lc = local_cluster_module()
+    outcomes = {}
+    for gpus in (16, 8):
+        with lc.LocalCluster({}, head_cpus=64, head_gpus=gpus) as head:
+            t0 = time.time()
+            proc = subprocess.run([PYTHON, "jobs/grpo_a.py", "profile=a40", "plan_only=true", f"ray.address={head.address}",
+                                   "tracking.enabled=false", f"output={tmp_path / str(gpus)}"], cwd=REPO, env=head.env,
+                                  capture_output=True, text=True, timeout=300)
+            outcomes[gpus] = (proc, time.time() - t0)
+    ok, elapsed_ok = outcomes[16]
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    learner = next(line for line in ok.stdout.splitlines() if line.startswith("learner "))
+    assert "8 x {GPU 1, CPU 4}, all on one node" in learner and "8 on head" in learner
+    bad, elapsed = outcomes[8]
+    print(f"plan checked in {elapsed_ok:.1f}s (16 GPUs), refused in {elapsed:.1f}s (8 GPUs)")
+    assert bad.returncode == 3
+    assert "grpo_a: the pools do not fit this cluster (rollout, reward, reference cannot be placed" in bad.stderr
+    assert "pool      | asks" in bad.stderr and "GPU 8 (largest node 8)" in bad.stderr
+    assert elapsed < 10

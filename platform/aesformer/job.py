@@ -23,7 +23,6 @@ def setup(schema: Type[T], job: str, argv: Optional[Sequence[str]] = None) -> T:
     ``output``, write ``output/config.yaml`` and log the resolved config."""
     setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(schema, job, argv)
