@@ -33,10 +33,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aesformer.cluster import init_ray, use_worker_threads
-from aesformer.storage import check_across_nodes
-from aesformer.config import JobConfig
+from aesformer import checkpoints, progress
+from aesformer.progress import RemoteProgress
+from aesformer.config import JobConfig, parse_workers
+from aesformer.data import find_dataset, no_plans_error
 from aesformer.editor import DEFAULT_LORA_TARGETS, TARGET_ASPECTS
-from aesformer.job import setup
+from aesformer.job import run_job
+from aesformer.storage import check_across_nodes
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("editor_lora")
@@ -101,7 +104,7 @@ class EditorLoraConfig(JobConfig):
     # an int, or [min, max] for elastic training
     num_workers: Any = 1
     max_failures: int = 2
-    resume: str = "auto"             # auto | none | <checkpoint folder>
+    resume: str = "auto"             # auto | never | <checkpoint folder>
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -376,9 +379,9 @@ def train_loop(config: dict) -> None:
         lora_state = {k.removeprefix("transformer."): v for k, v in lora_state.items()}
         set_peft_model_state_dict(transformer, lora_state)
         opt.load_state_dict(torch.load(Path(resume_dir) / "optimizer.pt", map_location=device))
-        state = json.loads((Path(resume_dir) / "state.json").read_text())
+        state = checkpoints.read_state(resume_dir)
         if rank == 0:
-            print(f"[editor_lora] resumed from {resume_dir} at step {state['step']}", flush=True)
+            log.info("resumed from %s at step %d", resume_dir, state["step"])
 
     entries = config["entries"]
     plan0 = epoch_batches(entries, config["batch_size"], config["seed"], 0, world)
@@ -403,7 +406,7 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 save_lora(transformer, Path(d) / "lora", base_model=config["editor_name"])
                 torch.save(opt.state_dict(), Path(d) / "optimizer.pt")
-                (Path(d) / "state.json").write_text(json.dumps(state))
+                checkpoints.write_state(d, state)
             ray.train.report({"step": state["step"], "loss": state["losses"][-1] if state["losses"] else None},
                              checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
@@ -449,10 +452,12 @@ def train_loop(config: dict) -> None:
                 for ti, li in zip(t.tolist(), per_sample.tolist()):
                     metrics[f"loss/{flow.timestep_bucket(ti)}"] = li
                 tracker.log_metrics(metrics, step=state["step"])
+            if rank == 0:
+                progress.report(config.get("progress"), state["step"], total, f"loss {float(value):.4f}")
             if rank == 0 and (state["step"] % config["log_every"] == 0 or state["step"] == total):
                 rate = (time.perf_counter() - t_start) / max(1, state["step"] - done_at_start)
-                print(f"[editor_lora] step {state['step']}/{total} loss {float(value):.4f} "
-                      f"{dt:.2f}s/step eta {rate * (total - state['step']):.0f}s", flush=True)
+                log.info("step %d/%d loss %.4f %.2fs/step eta %.0fs", state["step"], total, float(value), dt,
+                         rate * (total - state["step"]))
             if rank == 0 and renderer is not None and config["val_every"] and state["step"] % config["val_every"] == 0:
                 import ray as _ray
 
@@ -470,27 +475,6 @@ def train_loop(config: dict) -> None:
 
         _ray.get(renderer.render.remote(lora_cpu(), state["step"], "final"))
     save_checkpoint()
-
-
-def latest_checkpoint(storage: Path) -> Optional[str]:
-    """The checkpoint with the highest step under any earlier run in ``storage``."""
-    best, best_step = None, -1
-    for s in storage.glob("*/checkpoint_*/state.json"):
-        try:
-            step = json.loads(s.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue  # an unfinished checkpoint: skip it
-        if step > best_step or (step == best_step and s.stat().st_mtime > Path(best, "state.json").stat().st_mtime):
-            best, best_step = str(s.parent), step
-    return best
-
-
-def _num_workers(value: Any):
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ValueError(f"num_workers must be an int or [min, max], got {value}")
-        return (int(value[0]), int(value[1]))
-    return int(value)
 
 
 def model_card(cfg: EditorLoraConfig, stats: dict, n_pairs: int, steps: int, losses: list) -> str:
@@ -539,6 +523,13 @@ def validation_pairs(cfg: EditorLoraConfig, data: str, rows: list[dict]) -> list
     return sorted(pairs, key=lambda p: p["id"])
 
 
+def check_inputs(cfg: EditorLoraConfig) -> None:
+    if cfg.data is not None:
+        cfg.data = str(find_dataset(cfg.data))
+    checkpoints.check_resume(cfg.resume)
+    parse_workers(cfg.num_workers)
+
+
 def run(cfg: EditorLoraConfig) -> dict:
     """Cache, train, export; returns the LoRA path, the loss history and the cache stats."""
     import ray
@@ -549,97 +540,91 @@ def run(cfg: EditorLoraConfig) -> dict:
     from aesformer.models import resolve_model
 
     out = Path(cfg.output)
-    tracker = Tracker.start(cfg, "editor_lora")
-    with tracker.phase("ray_init"):
-        check_across_nodes(cfg, init_ray(cfg.ray))  # output shared by every node, no SQLite across nodes
-    editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
-    data = cfg.data
-    if data is None:
-        with tracker.phase("sample_data"):
-            data = str(build_sample_pairs(out / "sample_pairs", cfg.sample_pairs, cfg.seed, cfg.sample_size))
-    rows = training_rows(data, cfg.split)
-    if not rows:
-        raise ValueError(f"no pairs with a plan in {data} (split {cfg.split})")
+    with Tracker.start(cfg, "editor_lora") as tracker:
+        with tracker.phase("ray_init"):
+            check_across_nodes(cfg, init_ray(cfg.ray))  # output shared by every node, no SQLite across nodes
+        editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
+        data = str(find_dataset(cfg.data)) if cfg.data is not None else None
+        if data is None:
+            with tracker.phase("sample_data"):
+                data = str(build_sample_pairs(out / "sample_pairs", cfg.sample_pairs, cfg.seed, cfg.sample_size))
+        rows = training_rows(data, cfg.split)
+        if not rows:
+            raise no_plans_error(data, "data", cfg.split)
 
-    # 1. cache
-    with tracker.phase("cache"):
-        entries, stats, _ = build_cache(cfg, editor_path, data, {r["id"] for r in rows})
-    tracker.log_metrics({"cache/hit_rate": stats["hit_rate"], "cache/encoded": stats["encoded"]})
-    train_entries = [entries[r["id"]] for r in rows if r["id"] in entries]
+        # 1. cache
+        with tracker.phase("cache"):
+            entries, stats, _ = build_cache(cfg, editor_path, data, {r["id"] for r in rows})
+        tracker.log_metrics({"cache/hit_rate": stats["hit_rate"], "cache/encoded": stats["encoded"]})
+        train_entries = [entries[r["id"]] for r in rows if r["id"] in entries]
 
-    val_pairs = validation_pairs(cfg, data, rows)
-    tracking = {"uri": tracker.uri, "run_id": tracker.run_id} if tracker.enabled else None
-    lora = asdict(cfg.lora)
-    renderer = None
-    if val_pairs:
-        renderer = ray.remote(ValidationRenderer).options(
-            num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus).remote(
-            editor_path, str(out / "validation"), val_pairs, control_area=cfg.control_area,
-            condition_area=cfg.condition_area, lora=lora, steps=cfg.validation.steps,
-            true_cfg_scale=cfg.validation.true_cfg_scale, negative_prompt=cfg.validation.negative_prompt,
-            seed=cfg.seed, device="cuda" if cfg.validation.num_gpus else "cpu", tracking=tracking,
-            editor_name=cfg.models.editor, offload=cfg.validation.offload,
-            dtype=cfg.dtype if cfg.validation.num_gpus else "float32")
+        val_pairs = validation_pairs(cfg, data, rows)
+        tracking = {"uri": tracker.uri, "run_id": tracker.run_id} if tracker.enabled else None
+        lora = asdict(cfg.lora)
+        renderer = None
+        if val_pairs:
+            renderer = ray.remote(ValidationRenderer).options(
+                num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus).remote(
+                editor_path, str(out / "validation"), val_pairs, control_area=cfg.control_area,
+                condition_area=cfg.condition_area, lora=lora, steps=cfg.validation.steps,
+                true_cfg_scale=cfg.validation.true_cfg_scale, negative_prompt=cfg.validation.negative_prompt,
+                seed=cfg.seed, device="cuda" if cfg.validation.num_gpus else "cpu", tracking=tracking,
+                editor_name=cfg.models.editor, offload=cfg.validation.offload,
+                dtype=cfg.dtype if cfg.validation.num_gpus else "float32")
 
-    # 2. train
-    storage = (out / "checkpoints").resolve()
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = latest_checkpoint(storage)
-    elif cfg.resume not in ("none", "", None):
-        resume_from = cfg.resume
-        if not Path(resume_from, "state.json").exists():
-            raise FileNotFoundError(f"resume={cfg.resume}: not a checkpoint folder (no state.json)")
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    loop_config = dict(
-        editor=editor_path, editor_name=cfg.models.editor, entries=train_entries, lora=lora,
-        seed=cfg.seed, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        warmup_steps=cfg.warmup_steps, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-        gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype, checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every, val_every=cfg.validation.every, renderer=renderer, tracking=tracking,
-        resume_from=resume_from,
-    )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=_num_workers(cfg.num_workers), use_gpu=cfg.use_gpu),
-        run_config=RunConfig(
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    with tracker.phase("train"):
-        result = trainer.fit()
-    log.info("phase seconds: %s", {k: round(v, 1) for k, v in tracker.timings.items()})
-    if result.checkpoint is None:
-        raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
+        # 2. train
+        storage = (out / "checkpoints").resolve()
+        found = checkpoints.resolve_resume(cfg.resume, storage, "*/checkpoint_*")
+        resume_from = str(found[0]) if found else None
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        steps = RemoteProgress("editor_lora", unit="steps")
+        loop_config = dict(
+            editor=editor_path, editor_name=cfg.models.editor, entries=train_entries, lora=lora,
+            seed=cfg.seed, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+            warmup_steps=cfg.warmup_steps, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+            gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype, checkpoint_every=cfg.checkpoint_every,
+            log_every=cfg.log_every, val_every=cfg.validation.every, renderer=renderer, tracking=tracking,
+            resume_from=resume_from, progress=steps.queue,
+        )
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=parse_workers(cfg.num_workers), use_gpu=cfg.use_gpu),
+            run_config=RunConfig(
+                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        )
+        with tracker.phase("train"), steps:
+            result = trainer.fit()
+        log.info("phase seconds: %s", {k: round(v, 1) for k, v in tracker.timings.items()})
+        if result.checkpoint is None:
+            raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
 
-    # 3. export
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "state.json").read_text())
-        lora_dir = out / "lora"
-        shutil.rmtree(lora_dir, ignore_errors=True)
-        shutil.copytree(Path(d) / "lora", lora_dir)
-    losses = state["losses"]
-    (lora_dir / "README.md").write_text(model_card(cfg, stats, len(train_entries), state["step"], losses))
-    (out / "losses.json").write_text(json.dumps(losses))
-    tracker.log_artifact(lora_dir, "lora")
-    summary = {"lora": str(lora_dir), "steps": state["step"], "losses": losses, "cache": stats,
-               "seconds_per_step": state.get("step_seconds", 0.0) / max(1, state["step"]),
-               "validation": str(out / "validation"), "data": data, "checkpoint": result.checkpoint.path,
-               "val_pairs": [{k: p[k] for k in ("id", "width", "height")} for p in val_pairs]}
-    if renderer is not None:
-        ray.kill(renderer)
-    tracker.finish()
+        # 3. export
+        with result.checkpoint.as_directory() as d:
+            state = checkpoints.read_state(d)
+            lora_dir = out / "lora"
+            shutil.rmtree(lora_dir, ignore_errors=True)
+            shutil.copytree(Path(d) / "lora", lora_dir)
+        losses = state["losses"]
+        (lora_dir / "README.md").write_text(model_card(cfg, stats, len(train_entries), state["step"], losses))
+        (out / "losses.json").write_text(json.dumps(losses))
+        tracker.log_artifact(lora_dir, "lora")
+        summary = {"lora": str(lora_dir), "steps": state["step"], "losses": losses, "cache": stats,
+                   "seconds_per_step": state.get("step_seconds", 0.0) / max(1, state["step"]),
+                   "validation": str(out / "validation"), "data": data, "checkpoint": result.checkpoint.path,
+                   "val_pairs": [{k: p[k] for k in ("id", "width", "height")} for p in val_pairs]}
+        if renderer is not None:
+            ray.kill(renderer)
     log.info("exported the LoRA to %s after %d steps (loss %.4f → %.4f)", lora_dir, state["step"],
              sum(losses[:10]) / max(1, len(losses[:10])), sum(losses[-10:]) / max(1, len(losses[-10:])))
     return summary
 
 
 def main(argv=None) -> dict:
-    cfg = setup(EditorLoraConfig, "editor_lora", argv)
-    return run(cfg)
+    return run_job(EditorLoraConfig, "editor_lora", run, argv, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ if __package__ in (None, ""):
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,11 @@ import numpy as np
 
 from aesformer.cluster import init_ray
 from aesformer.config import ConfigError, JobConfig
-from aesformer.job import setup
+from aesformer.job import run_job
+from aesformer.progress import DETAIL, Progress
+from aesformer import checkpoints
+from aesformer.atomic import write_dir, write_json
+from aesformer.data import find_dataset, no_plans_error
 from aesformer.placement import STRATEGIES, PoolAsk, cluster_nodes, plan_table, shrink_cpus
 from aesformer.placement import plan as plan_pools
 from aesformer.storage import check_across_nodes
@@ -138,7 +140,7 @@ class GrpoAConfig(JobConfig):
     val_top_p: float = 0.95
     checkpoint_every: int = 5
     keep_checkpoints: int = 2
-    resume: str = "never"  # never | auto | <checkpoint folder>
+    resume: str = "auto"  # auto | never | <checkpoint folder>
     stop_after: Optional[int] = None  # end this run after k steps (resume=auto continues)
     export_model: bool = True  # write the final policy to <output>/model
     plan_only: bool = False  # check that the pools fit the cluster, print where each goes, and stop
@@ -169,8 +171,16 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
     if cfg.learner.placement not in STRATEGIES:
         raise ConfigError(f"learner.placement must be one of {', '.join(STRATEGIES)}, got '{cfg.learner.placement}'")
-    if cfg.resume not in ("never", "auto") and not Path(cfg.resume).expanduser().is_dir():
-        raise ConfigError(f"resume must be never, auto or a checkpoint folder; '{cfg.resume}' is none of these")
+    checkpoints.check_resume(cfg.resume)
+
+
+def check_inputs(cfg: GrpoAConfig) -> None:
+    """What can be checked before anything starts: the config, and the data folder."""
+    check_config(cfg)
+    if cfg.data is not None:
+        cfg.data = str(find_dataset(cfg.data))
+    elif cfg.profile != "tiny":
+        raise ConfigError("data= is required: the AesRecon folder to train on")
 
 
 # -- placement --------------------------------------------------------------------------
@@ -202,7 +212,7 @@ def fit_pools(cfg: GrpoAConfig, nodes) -> tuple[list[PoolAsk], dict]:
         factor = shrink_cpus(asks, nodes)
         if factor < 1:
             log.info("pools ask more CPUs than the cluster has: CPU asks scaled by %.2f (ray.fit_cpus)", factor)
-    placed = plan_pools(asks, nodes, job="grpo_a")
+    placed = plan_pools(asks, nodes)
     cpus = {a.name: a.bundle.get("CPU", 0.0) for a in asks}
     cfg.learner.cpus_per_worker = cpus["learner"]
     cfg.rollout.cpus_per_actor = cpus["rollout"]
@@ -327,34 +337,12 @@ def prepare_policy(path: str, out: Path) -> str:
     log.info("the init policy lacks the plan tokens: adding them (copy in %s)", out)
     model, processor = load_vlm(path)
     add_plan_tokens(model, processor)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(str(tmp))
-    processor.save_pretrained(str(tmp))
-    os.replace(tmp, out)
-    return str(out)
 
+    def save(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
 
-# -- checkpoints ------------------------------------------------------------------------------
-
-STATE_FILE = "trainer_state.json"
-
-
-def newest_checkpoint(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint (its state file is written last)."""
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
-    return done[-1] if done else None
-
-
-def prune_checkpoints(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    return str(write_dir(out, save))
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -451,7 +439,7 @@ class Trainer:
         self.weights_version, self.weights_refs = version, out["refs"]
         for i in range(self.rollout.size):
             self.rollout.submit(("sync", i), "update_weights", version, *out["refs"], index=i)
-        for _ in self.rollout.results():  # (with the pool's call timeout)
+        for _ in self.rollout.results():
             pass
         return {"bytes": out["bytes"], "tensors": out["tensors"]}
 
@@ -563,13 +551,14 @@ def run(cfg: GrpoAConfig) -> dict:
     from aesformer.models import resolve_model
 
     check_config(cfg)
-    # the pools must fit the cluster before any data or model loads
+    # the pools must fit the cluster, and every node see the output, before any data or model loads
     ray = init_ray(cfg.ray)
     asks, placed = fit_pools(cfg, cluster_nodes(ray))
-    check_across_nodes(cfg, ray, ("output", "init"))  # folders every node sees, no SQLite across nodes
     log.info("pools on the cluster (learner first):\n%s", plan_table(asks, placed))
     if cfg.plan_only:
+        print(plan_table(asks, placed))
         return {"plan": placed, "table": plan_table(asks, placed)}
+    check_across_nodes(cfg, ray, ("output", "init"))  # folders every node sees, no SQLite across nodes
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
@@ -581,13 +570,11 @@ def run(cfg: GrpoAConfig) -> dict:
             raise ConfigError("data= is required: the AesRecon folder to train on")
         data = build_default_data(out / "data", cfg.seed)
     else:
-        data = Path(cfg.data).expanduser()
-        if not data.is_dir():
-            raise ConfigError(f"data='{cfg.data}' is not a folder")
+        data = find_dataset(cfg.data)
     instruction = thinker_instruction(cfg.instruction)
     train = Prompts(data, "train", cfg.seed, instruction, out / "quarantine.jsonl")
     if not len(train):
-        raise ConfigError(f"data='{data}' has no train pairs with a plan")
+        raise no_plans_error(data, "data", "train")
     val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl")
     policy = prepare_policy(resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir,
                                           "init" if cfg.init else "models.thinker"), out / "init_policy")
@@ -597,13 +584,10 @@ def run(cfg: GrpoAConfig) -> dict:
 
     # where to start
     start_step, position, rng_state, resume_dir = 1, 0, None, None
-    if cfg.resume == "auto":
-        resume_dir = newest_checkpoint(ckpt_root)
-    elif cfg.resume != "never":
-        resume_dir = Path(cfg.resume).expanduser()
     state: dict = {}
-    if resume_dir is not None:
-        state = json.loads((resume_dir / STATE_FILE).read_text())
+    found = checkpoints.resolve_resume(cfg.resume, ckpt_root, "step-*")
+    if found is not None:
+        resume_dir, state = found
         start_step, position, rng_state = state["step"] + 1, state["data_position"], state["rng"]
     rng = np.random.default_rng(cfg.seed)
     if rng_state is not None:
@@ -620,7 +604,6 @@ def run(cfg: GrpoAConfig) -> dict:
         kept = [line for line in steps_path.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
         steps_path.write_text("".join(line + "\n" for line in kept))
     steps_log = open(steps_path, "a")
-    status = "FAILED"
     trainer = None
     try:
         trainer = Trainer(cfg, policy, judge)
@@ -637,6 +620,7 @@ def run(cfg: GrpoAConfig) -> dict:
         last: dict = {}
         run_steps, last_step = 0, start_step - 1
         t_run = time.perf_counter()
+        steps_bar = Progress("grpo_a", total_steps, "steps", start=start_step - 1)
         for step in range(start_step, total_steps + 1):
             t_step = time.perf_counter()
             ids = train.take(position, cfg.prompts_per_step)
@@ -677,7 +661,8 @@ def run(cfg: GrpoAConfig) -> dict:
             eta = (time.perf_counter() - t_run) / (run_steps + 1) * (total_steps - step)
             log.info("step %d/%d reward %.3f format %.2f kl %.4f mismatch %.2e step %.1fs (eta %.0fs)", step,
                      total_steps, metrics["reward_mean"], metrics["format_rate"], metrics["kl"],
-                     metrics["logprob_mismatch"], times["step"], eta)
+                     metrics["logprob_mismatch"], times["step"], eta, extra=DETAIL)
+            steps_bar.set(step, f"reward {metrics['reward_mean']:.3f}")
             last = metrics
             run_steps += 1
             stopping = cfg.stop_after is not None and run_steps >= cfg.stop_after
@@ -686,49 +671,37 @@ def run(cfg: GrpoAConfig) -> dict:
                 folder = ckpt_root / f"step-{step:06d}"
                 trainer.learner.get_all("save", str(folder), {"step": step})
                 checksum = trainer.learner.get_all("checksum")[0]
-                write_json_atomic(folder / STATE_FILE, {
+                checkpoints.write_state(folder, {
                     "step": step, "data_position": position, "rng": rng.bit_generator.state,
                     "weights_sha256": checksum, "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
                     "total_steps": total_steps, "time": time.time()})
-                prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
+                checkpoints.prune(ckpt_root, "step-*", cfg.keep_checkpoints)
                 result.update(checkpoint=str(folder), checkpoint_weights_sha256=checksum)
                 tracker.log_metrics({"time/checkpoint": time.perf_counter() - t}, step=step)
             if stopping:
                 log.info("stopping after %d steps of this run (stop_after); resume=auto continues at step %d",
                          run_steps, step + 1)
                 break
+        steps_bar.close()
         finished = last_step == total_steps
         if cfg.export_model and finished:
             result["model"] = trainer.learner.get_all("export", str(out / "model"))[0]
         result.update(steps=run_steps, last_step=last_step, total_steps=total_steps,
                       metrics=last, finished=finished, restarts=sum(p.restarts for p in trainer.pools))
-        write_json_atomic(out / "result.json", {k: v for k, v in result.items()})
-        status = "FINISHED"
+        write_json(out / "result.json", {k: v for k, v in result.items()})
+        tracker.close()
         return result
+    except BaseException as error:
+        tracker.close(error)
+        raise
     finally:
         steps_log.close()
         if trainer is not None:
             trainer.shutdown()
-        tracker.finish(status)
 
 
 def main(argv=None) -> dict:
-    import sys
-
-    from aesformer.placement import PlacementError
-
-    cfg = setup(GrpoAConfig, "grpo_a", argv)
-    try:
-        result = run(cfg)
-    except PlacementError as e:
-        print(f"{e}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except ConfigError as e:
-        print(f"grpo_a: config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if cfg.plan_only:
-        print(result["table"])
-    return result
+    return run_job(GrpoAConfig, "grpo_a", run, argv, check=check_inputs)
 
 
 if __name__ == "__main__":

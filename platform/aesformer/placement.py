@@ -20,12 +20,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from aesformer.config import ConfigError
+
 STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD", "auto")
 _EPS = 1e-6
 
 
-class PlacementError(RuntimeError):
-    """The pools cannot all be placed on this cluster; the message holds the table."""
+class PlacementError(ConfigError):
+    """The pools cannot all be placed on this cluster; the message holds the
+    table. A ConfigError: a job ends with it on stderr and exit status 2."""
 
 
 @dataclass
@@ -146,7 +149,7 @@ def _place_group(ask: PoolAsk, nodes: list[Node], strategy: str) -> Optional[lis
     return where
 
 
-def plan(asks: list[PoolAsk], nodes: list[Node], job: str = "job") -> dict:
+def plan(asks: list[PoolAsk], nodes: list[Node]) -> dict:
     """Place every pool, in order; returns {pool: {"strategy", "nodes": [node name per bundle]}}.
 
     Raises :class:`PlacementError` with the table when any pool does not fit.
@@ -180,7 +183,7 @@ def plan(asks: list[PoolAsk], nodes: list[Node], job: str = "job") -> dict:
         node_list = "; ".join(f"{n.name}: {_fmt({k: v for k, v in n.resources.items() if k in totals})}"
                               for n in nodes)
         raise PlacementError(
-            f"{job}: the pools do not fit this cluster ({', '.join(failed)} cannot be placed; pools are placed "
+            f"the pools do not fit this cluster ({', '.join(failed)} cannot be placed; pools are placed "
             f"in the order listed)\n{table(rows, ('pool', 'asks', 'cluster has', 'placed'))}\n"
             f"nodes: {node_list}\nlower the pools' sizes or resources, or add nodes")
     return placed
