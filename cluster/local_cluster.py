@@ -101,9 +101,10 @@ class LocalCluster:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = dict(os.environ if env is None else env)
         self.env["RAY_AUTH_MODE"] = "token"
-        # a raylet waits this long for its agents to start (15 s by default), which
-        # a busy machine running several nodes at once can exceed
+        # a raylet waits a fixed time for its agents to start and report their ports,
+        # which a busy machine running several nodes at once can exceed
         self.env.setdefault("RAY_agent_register_timeout_ms", "120000")
+        self.env.setdefault("RAY_raylet_start_wait_time_s", "120")
         self.env.pop("RAY_ADDRESS", None)
         self.procs: dict[str, subprocess.Popen] = {}
         self.lost: set[str] = set()

@@ -548,7 +548,7 @@ def run(cfg: GrpoAConfig) -> dict:
     """Trains; returns the output folder, the final model, the last step's
     metrics, the checkpoint folder and the actor restarts."""
     from aesformer.actions import thinker_instruction
-    from aesformer.models import resolve_model
+    from aesformer.models import require_models_on_nodes, resolve_model
 
     check_config(cfg)
     # the pools must fit the cluster, and every node see the output, before any data or model loads
@@ -558,7 +558,7 @@ def run(cfg: GrpoAConfig) -> dict:
     if cfg.plan_only:
         print(plan_table(asks, placed))
         return {"plan": placed, "table": plan_table(asks, placed)}
-    check_across_nodes(cfg, ray, ("output", "init"))  # folders every node sees, no SQLite across nodes
+    check_across_nodes(cfg, ray)  # an output every node sees, no SQLite tracking store across nodes
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
@@ -576,9 +576,11 @@ def run(cfg: GrpoAConfig) -> dict:
     if not len(train):
         raise no_plans_error(data, "data", "train")
     val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl")
-    policy = prepare_policy(resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir,
-                                          "init" if cfg.init else "models.thinker"), out / "init_policy")
+    policy_key = "init" if cfg.init else "models.thinker"
+    policy = resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir, policy_key)
     judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
+    require_models_on_nodes(ray, {policy_key: policy, "models.judge": judge})  # on every node, before loading
+    policy = prepare_policy(policy, out / "init_policy")
     steps_per_epoch = math.ceil(len(train) / cfg.prompts_per_step)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
 

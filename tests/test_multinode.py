@@ -50,6 +50,7 @@ def test_a_file_a_worker_node_writes_to_its_disk_is_seen_by_that_node_only(clust
 import os, ray
 ray.init(address="{cluster.address}", logging_level="ERROR")
 def write(p):
+    os.makedirs(os.path.dirname(p), exist_ok=True)
     open(p, "w").write("b")
 def sees(p):
     return os.path.exists(p)
@@ -86,6 +87,23 @@ def test_a_sqlite_tracking_store_is_refused_on_several_nodes(cluster):
     assert "is a store on this node's disk, and this cluster has 3 nodes" in proc.stderr
     assert "mlflow server" in proc.stderr
     assert not (out / "mlflow").exists()
+
+
+@pytest.mark.timeout(600)
+def test_a_model_folder_only_the_head_has_fails_before_loading_naming_the_nodes(cluster, tmp_path, tiny_models):
+    import shutil
+
+    local = tmp_path / "thinker"  # /tmp: the worker nodes do not see it
+    shutil.copytree(tiny_models["thinker"], local)
+    out = cluster.shared / "grpo-models"
+    proc = job(cluster, "jobs/grpo_a.py", ["profile=tiny", f"output={out}", "tracking.enabled=false", f"init={local}"]
+               + PINNED, 300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "models missing on the cluster's nodes" in proc.stderr
+    assert f"node_b: init (folder {local} does not exist on this node)" in proc.stderr
+    assert f"node_c: init (folder {local} does not exist on this node)" in proc.stderr
+    assert "head: init" not in proc.stderr and "models.judge" not in proc.stderr
+    assert not (out / "steps.jsonl").exists()
 
 
 @pytest.mark.timeout(1800)
