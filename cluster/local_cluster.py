@@ -112,7 +112,7 @@ class LocalCluster:
 
     # -- start -------------------------------------------------------------------------
     def _ray(self) -> list[str]:
-        return [self.python, "-m", "ray.scripts.scripts"]
+        return [self.python, "-c", _PATIENT_RAY_START]
 
     def _popen(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")
@@ -172,27 +172,20 @@ class LocalCluster:
         self._popen(name, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
 
     def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
+        """Until the first ``count`` nodes started have registered (``ray start``
+        logs "Ray runtime started" once its node is in the GCS)."""
         t0 = time.time()
+        names = list(self.procs)[:count]
         while True:
             for name, proc in self.procs.items():
                 if proc.poll() is not None and name not in self.lost:
                     raise RuntimeError(f"node {name} exited {proc.returncode}: {self.log(name)[-3000:]}")
-            alive = self.alive_nodes()
-            if alive is not None and alive >= count:
+            if all("Ray runtime started" in self.log(name) for name in names):
                 return
             if time.time() - t0 > timeout:
-                raise TimeoutError(f"{count} nodes did not come up in {timeout:.0f}s; head log: {self.log('head')[-3000:]}")
+                raise TimeoutError(f"{count} nodes did not come up in {timeout:.0f}s; logs: "
+                                   + " | ".join(f"{n}: {self.log(n)[-1500:]}" for n in names))
             time.sleep(1)
-
-    def alive_nodes(self) -> Optional[int]:
-        """Nodes the head's GCS counts as alive (None while it does not answer)."""
-        code = ("import ray, sys; from ray.util.state import list_nodes; "
-                f"print(sum(n.state == 'ALIVE' for n in list_nodes(address='{self.dashboard}', timeout=10)))")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc = subprocess.run([self.python, "-c", code], env=self.env, capture_output=True, text=True, timeout=40)
-            if proc.returncode == 0 and proc.stdout.strip().isdigit():
-                return int(proc.stdout.strip())
-        return None
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -246,6 +239,30 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
         self.cleanup()
+
+
+# ``ray start`` gives a new node a fixed 30 s to register with the GCS; on a
+# machine busy enough (several nodes start at once, other work runs) its
+# agents take longer to come up. This runs ``ray start`` with the lookup of
+# its own node retried for up to RAY_NODE_REGISTER_WAIT_S (default 240 s).
+_PATIENT_RAY_START = """
+import os, sys, time
+import ray._private.services as services
+_get_node = services.get_node
+def _patient_get_node(*args, **kwargs):
+    deadline = time.monotonic() + float(os.environ.get("RAY_NODE_REGISTER_WAIT_S", "240"))
+    while True:
+        try:
+            return _get_node(*args, **kwargs)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+services.get_node = _patient_get_node
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+main()
+"""
 
 
 def _kill_marked(marker: str) -> None:

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import PYTHON, REPO, local_cluster_module
+from helpers import PYTHON, REPO, local_cluster_module, mlflow_server, s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,21 @@ if not _ok:
 def cluster():
     c = lc.LocalCluster({"node_b": {"num_cpus": 4}, "node_c": {"num_cpus": 4}}, head_cpus=1)
     t0 = time.time()
-    c.start(timeout=300)
+    c.start(timeout=600)
     c.started_in = time.time() - t0
     yield c
     c.stop()
     c.cleanup()
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """An MLflow tracking server on the head: SQLite on the head's disk,
+    artifacts on a real S3 endpoint (moto's server)."""
+    folder = tmp_path_factory.mktemp("tracking")
+    with s3_server(folder) as s3:
+        with mlflow_server(folder, f"s3://{s3['bucket']}/mlflow", s3["env"]) as uri:
+            yield {"uri": uri, **s3}
 
 
 def job(cluster, script, args, timeout):
@@ -43,7 +53,7 @@ PINNED = ["learner.resources={node_b: 1}", "rollout.resources={node_c: 1}", "rew
           "reference.resources={node_c: 1}"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)  # includes starting the cluster, slow on a busy machine
 def test_a_file_a_worker_node_writes_to_its_disk_is_seen_by_that_node_only(cluster, tmp_path):
     probe = tmp_path / "written-on-node_b.txt"
     code = f"""
@@ -107,9 +117,10 @@ def test_a_model_folder_only_the_head_has_fails_before_loading_naming_the_nodes(
 
 
 @pytest.mark.timeout(1800)
-def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_a_shared_folder(cluster):
+def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_a_shared_folder(cluster, tracking):
     out = cluster.shared / "grpo"
-    common = ["profile=tiny", f"output={out}", "tracking.enabled=false", "steps=3"] + PINNED
+    common = ["profile=tiny", f"output={out}", f"tracking.uri={tracking['uri']}", "tracking.experiment=multinode",
+              "steps=3"] + PINNED
     t0 = time.time()
     first = job(cluster, "jobs/grpo_a.py", common + ["stop_after=2"], 900)
     assert first.returncode == 0, first.stderr[-5000:]
@@ -128,3 +139,16 @@ def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_a_s
     assert steps == [1, 2, 3]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert (out / "model" / "config.json").exists()
+    # both runs tracked into one MLflow run on the server, its artifacts on S3
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward_mean")] == [1, 2, 3]
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=tracking["endpoint"], aws_access_key_id="testing",
+                                           aws_secret_access_key="testing", region_name="us-east-1")
+            .list_objects_v2(Bucket=tracking["bucket"]).get("Contents", [])]
+    assert any(k.startswith("mlflow/") and k.endswith("config.yaml") for k in keys)
