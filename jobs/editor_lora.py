@@ -24,7 +24,6 @@ if __package__ in (None, ""):
 
 import json
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -38,8 +37,10 @@ from aesformer.progress import RemoteProgress
 from aesformer.config import JobConfig, parse_workers
 from aesformer.data import find_dataset, no_plans_error
 from aesformer.editor import DEFAULT_LORA_TARGETS, TARGET_ASPECTS
+from aesformer.editor_cache import CacheReader, collate, epoch_batches
 from aesformer.job import run_job
 from aesformer.storage import check_across_nodes
+from aesformer.synth import sample_aesrecon
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("editor_lora")
@@ -114,64 +115,8 @@ class EditorLoraConfig(JobConfig):
 
 
 # ---------------------------------------------------------------------------
-# Data: a small AesRecon from the sample photos when none is given
+# Data: the pairs with a plan
 # ---------------------------------------------------------------------------
-def truth_plan(truth: dict):
-    """A seven-dimension plan that undoes a known synthetic framing (poor → good)."""
-    from aesformer.actions import ActionPlan
-
-    dx, dy = truth["shift"]
-    rot = truth["rotation_deg"]
-    zoom = truth["zoom"]
-    return ActionPlan(
-        ratio=f"Crop the frame from {truth['aspect_poor']:.2f}:1 to {truth['aspect_good']:.2f}:1.",
-        composition=(f"Crop tighter (zoom in {zoom:.2f}x)." if zoom > 1.05 else
-                     f"Widen the framing (zoom out {1 / zoom:.2f}x)." if zoom < 0.95 else "Keep the framing scale."),
-        camera=f"Rotate {abs(rot):.1f} degrees {'clockwise' if rot > 0 else 'counter-clockwise'} to level the horizon.",
-        position=f"Move the subject {'left' if dx > 0 else 'right'} by {abs(dx):.0%} of the width and "
-                 f"{'up' if dy > 0 else 'down'} by {abs(dy):.0%} of the height.",
-        pose="Keep the pose as it is.",
-        focus="Keep the focus on the subject.",
-        color="Keep the colours and lighting.",
-    )
-
-
-def pair_plan(poor, good, truth: dict) -> str:
-    """The measured teacher's plan when it can register the pair, else the truth's."""
-    try:
-        from aesformer.distill.measured import measure_pair, plan_from_measurement
-
-        m = measure_pair(poor, good)
-        if m.get("zoom") is not None:
-            return plan_from_measurement(m).render()
-    except Exception as e:  # noqa: BLE001 - a measurement failure only changes the plan's source
-        log.info("measured teacher unavailable for a sample pair (%s); using the known transform", e)
-    return truth_plan(truth).render()
-
-
-def build_sample_pairs(folder: Path, n: int, seed: int, size: int) -> Path:
-    """``n`` synthetic pairs from the sample photographs (resumable: done ids are kept)."""
-    import numpy as np
-
-    from aesformer.data import ShardWriter, make_pair, make_provenance
-    from aesformer.samples import sample_photos
-    from aesformer.synth import framing_pair
-
-    photos = sample_photos()
-    with ShardWriter(folder, shard_rows=64) as writer:
-        for i in range(n):
-            name, photo = photos[i % len(photos)]
-            pid = f"sample-{i:04d}-{name}"
-            if pid in writer:
-                continue
-            photo = photo.copy()
-            photo.thumbnail((size, size))
-            good, poor, truth = framing_pair(photo, np.random.default_rng(seed + i))
-            writer.write(make_pair(pid, poor, good, plan=pair_plan(poor, good, truth), split="train",
-                                   provenance=make_provenance("editor_lora")))
-    return folder
-
-
 def training_rows(data: str, split: Optional[str]) -> list[dict]:
     """(id, plan) of the rows that have a plan; plans that do not parse are kept as free text."""
     from aesformer.data import iter_pairs
@@ -190,27 +135,13 @@ def training_rows(data: str, split: Optional[str]) -> list[dict]:
 # ---------------------------------------------------------------------------
 # 1. Cache
 # ---------------------------------------------------------------------------
-def _with_keys(batch):
-    """Ray Data map: add the content key (and the normalised plan) to each pair."""
-    import pyarrow as pa
-
-    from aesformer.actors.editor_cache import content_key
-    from aesformer.pipeline import normalise_plan
-
-    rows = batch.to_pylist()
-    for r in rows:
-        r["plan"] = normalise_plan(r["plan"] or "")[0]
-        r["key"] = content_key(r["poor_image"], r["good_image"], r["plan"])
-    return pa.Table.from_pylist(rows)
-
-
 def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str]) -> tuple[dict, dict, dict]:
     """Encode the pairs in ``ids`` that the cache lacks. Returns ({id: cache
     entry}, stats {pairs, hits, encoded, hit_rate}, the cache folder's settings)."""
     from ray.data import ActorPoolStrategy
 
-    from aesformer.actors.editor_cache import (CacheEncoder, cache_index, content_key, encoder_settings,
-                                               settings_folder)
+    from aesformer.actors.editor_actors import CacheEncoder
+    from aesformer.editor_cache import cache_index, content_key, encoder_settings, settings_folder, with_keys
     from aesformer.data import iter_pairs, read_ray
     from aesformer.pipeline import normalise_plan
 
@@ -231,7 +162,7 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
     if missing:
         log.info("cache: encoding %d of %d pairs into %s", len(missing), len(id_keys), folder)
         todo = read_ray(data, columns=cols).filter(lambda r: r["id"] in missing).map_batches(
-            _with_keys, batch_format="pyarrow", batch_size=16)
+            with_keys, batch_format="pyarrow", batch_size=16)
         out = todo.map_batches(
             CacheEncoder, batch_format="pyarrow", batch_size=cfg.cache.batch_size,
             compute=ActorPoolStrategy(size=cfg.cache.pool_size),
@@ -253,63 +184,6 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
 # ---------------------------------------------------------------------------
 # 2. Training
 # ---------------------------------------------------------------------------
-def epoch_batches(entries: list[dict], batch_size: int, seed: int, epoch: int, world: int) -> list[list[list[dict]]]:
-    """This epoch's batches for every rank: shuffled with (seed, epoch), each
-    batch from one bucket (same target and control size), then dealt round
-    robin so every rank gets the same number of steps. Same arguments, same
-    plan on every rank, which makes resuming at a step exact (after an elastic
-    resize the remaining batches of the epoch are dealt anew, so an epoch may
-    then see a few pairs twice or miss a few)."""
-    order = list(entries)
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    open_batches: dict[tuple, list] = {}
-    batches = []
-    for e in order:
-        key = (e["target_w"], e["target_h"], e["control_w"], e["control_h"])
-        open_batches.setdefault(key, []).append(e)
-        if len(open_batches[key]) == batch_size:
-            batches.append(open_batches.pop(key))
-    batches.extend(b for b in open_batches.values() if b)  # the partial batch of each bucket
-    per_rank = len(batches) // world
-    return [batches[r:per_rank * world:world] for r in range(world)]
-
-
-class CacheReader:
-    """Reads single cached rows (one row per row group) from the shard files."""
-
-    def __init__(self):
-        self._files: dict = {}
-
-    def tensors(self, entry: dict) -> dict:
-        import pyarrow.parquet as pq
-
-        from aesformer.actors.editor_cache import load_tensors
-
-        f = self._files.get(entry["shard"])
-        if f is None:
-            f = self._files[entry["shard"]] = pq.ParquetFile(entry["shard"])
-        blob = f.read_row_group(entry["row"], columns=["tensors"]).column("tensors")[0].as_py()
-        return load_tensors(blob)
-
-
-def collate(rows: list[dict]):
-    """Stack a bucket's rows: packed target and control tokens, padded prompts with their mask."""
-    import torch
-
-    from aesformer.editor import pack_latents
-
-    target = pack_latents(torch.stack([r["target"] for r in rows]))
-    control = pack_latents(torch.stack([r["control"] for r in rows]))
-    lengths = [r["prompt"].shape[0] for r in rows]
-    n, dim = max(lengths), rows[0]["prompt"].shape[1]
-    prompt = torch.zeros(len(rows), n, dim, dtype=rows[0]["prompt"].dtype)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        prompt[i, : lengths[i]] = r["prompt"]
-        mask[i, : lengths[i]] = 1
-    return target, control, prompt, (None if bool(mask.all()) else mask)
-
-
 def _make_optimizer(name: str, params, lr: float, weight_decay: float, on_gpu: bool):
     import torch
 
@@ -536,7 +410,7 @@ def run(cfg: EditorLoraConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aesformer.actors.editor_cache import ValidationRenderer
+    from aesformer.actors.editor_actors import ValidationRenderer
     from aesformer.models import resolve_model
 
     out = Path(cfg.output)
@@ -547,7 +421,7 @@ def run(cfg: EditorLoraConfig) -> dict:
         data = str(find_dataset(cfg.data)) if cfg.data is not None else None
         if data is None:
             with tracker.phase("sample_data"):
-                data = str(build_sample_pairs(out / "sample_pairs", cfg.sample_pairs, cfg.seed, cfg.sample_size))
+                data = str(sample_aesrecon(out / "sample_pairs", cfg.sample_pairs, cfg.seed, side=cfg.sample_size, job="editor_lora"))
         rows = training_rows(data, cfg.split)
         if not rows:
             raise no_plans_error(data, "data", cfg.split)

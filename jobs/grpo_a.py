@@ -42,6 +42,7 @@ from aesformer.cluster import init_ray
 from aesformer.config import ConfigError, JobConfig
 from aesformer.job import run_job
 from aesformer.progress import DETAIL, Progress
+from aesformer.synth import sample_aesrecon
 from aesformer import checkpoints
 from aesformer.atomic import write_dir, write_json
 from aesformer.data import find_dataset, no_plans_error
@@ -151,7 +152,7 @@ class GrpoAConfig(JobConfig):
 
 
 def check_config(cfg: GrpoAConfig) -> None:
-    from aesformer.actors.reward import ALIGNMENT_MODES
+    from aesformer.rewards import ALIGNMENT_MODES
     from aesformer.grpo import AGG_MODES, KL_KINDS
 
     if cfg.prompts_per_step < 1 or cfg.prompts_per_update < 1:
@@ -224,38 +225,6 @@ def fit_pools(cfg: GrpoAConfig, nodes) -> tuple[list[PoolAsk], dict]:
 
 
 # -- data ---------------------------------------------------------------------------------
-
-def build_default_data(folder: Path, seed: int, per_photo: int = 2, side: int = 128) -> Path:
-    """A small AesRecon from the sample photographs: synthetic poor framings
-    (``aesformer.synth``) of each photo with the plan measured from the
-    transform's ground truth, ~1/4 held out as test. Reused when present."""
-    from aesformer.data import ShardWriter, assign_split, finished_shards, make_pair
-    from aesformer.distill.measured import plan_from_measurement
-    from aesformer.samples import sample_photos
-    from aesformer.synth import poor_framing
-
-    if finished_shards(folder):
-        return folder
-    rng = np.random.default_rng(seed)
-    rows = []
-    for name, photo in sample_photos():
-        scale = side / max(photo.size)
-        good = photo.resize((max(8, int(photo.width * scale)), max(8, int(photo.height * scale))))
-        for k in range(per_photo):
-            poor, truth = poor_framing(good, rng)
-            # geometry is known exactly; the synthetic flaw leaves tone and sharpness alone
-            measured = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "temperature": 0.0,
-                        "sharpness": 0.0, **truth}
-            rows.append(dict(id=f"{name}-{k}", poor=poor, good=good, plan=plan_from_measurement(measured),
-                             video_id=f"sample-{name}"))
-    split = assign_split([r["id"] for r in rows], test_size=0.25)
-    with ShardWriter(folder, shard_rows=64) as writer:
-        for r in rows:
-            writer.write(make_pair(r["id"], r["poor"], r["good"], plan=r["plan"], video_id=r["video_id"],
-                                   split=split[r["id"]]))
-    log.info("built a default AesRecon of %d pairs in %s", len(rows), folder)
-    return folder
-
 
 class Prompts:
     """The prompts of one split: ids in a seeded order per epoch, images read
@@ -372,7 +341,8 @@ class Trainer:
         from aesformer.actors.learner import LearnerWorker
         from aesformer.actors.pool import ActorPool
         from aesformer.actors.reference import ReferenceWorker
-        from aesformer.actors.reward import RewardWorker, needs_judge
+        from aesformer.actors.reward import RewardWorker
+        from aesformer.rewards import needs_judge
         from aesformer.actors.rollout import RolloutWorker
 
         cfg = self.cfg
@@ -568,7 +538,7 @@ def run(cfg: GrpoAConfig) -> dict:
     if cfg.data is None:
         if cfg.profile != "tiny":
             raise ConfigError("data= is required: the AesRecon folder to train on")
-        data = build_default_data(out / "data", cfg.seed)
+        data = sample_aesrecon(out / "data", 12, cfg.seed, test_fraction=0.25, job="grpo_a")
     else:
         data = find_dataset(cfg.data)
     instruction = thinker_instruction(cfg.instruction)
