@@ -83,7 +83,7 @@ class LocalCluster:
     def __init__(self, workers: Optional[dict] = None, *, head_cpus: int = 1, head_gpus: int = 0,
                  head_resources: Optional[dict] = None, private: Sequence[str] = ("/tmp",),
                  root: Optional[str] = None, python: str = sys.executable, env: Optional[dict] = None,
-                 startup_nice: int = -5):
+                 startup_nice: int = -10, dashboard: bool = False):
         self.workers = workers if workers is not None else {"node_b": {"num_cpus": 4}, "node_c": {"num_cpus": 4}}
         self.head_cpus, self.head_gpus = head_cpus, head_gpus
         self.head_resources = head_resources or {}
@@ -93,6 +93,9 @@ class LocalCluster:
         # otherwise, which a busy machine can miss: as root, a node starts at this
         # niceness and is put back to 0 once it is up (workers started later inherit 0).
         self.startup_nice = startup_nice
+        # the dashboard (needed by `ray job submit`, not by drivers that join with
+        # ray.address) is a dozen more processes starting with the head
+        self.with_dashboard = dashboard
         self.marker = f"aesf-cluster-{uuid.uuid4().hex[:8]}"
         base = Path(root) if root else Path("/var/tmp")
         self.root = base / self.marker
@@ -133,7 +136,8 @@ class LocalCluster:
         self.shared.mkdir()
         head = self._ray() + [
             "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--include-dashboard={'true' if self.with_dashboard else 'false'}",
             f"--ray-client-server-port={free_port()}", f"--num-cpus={self.head_cpus}", f"--num-gpus={self.head_gpus}",
             f"--resources={json.dumps({'head': 100, **self.head_resources})}",
             f"--temp-dir={self._temp('head')}", "--disable-usage-stats"] + _ports_args()
@@ -313,19 +317,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--head-cpus", type=int, default=1)
     p.add_argument("--head-gpus", type=int, default=0)
     p.add_argument("--private", nargs="*", default=["/tmp"], help="folders each worker node gets a private tmpfs over")
+    p.add_argument("--no-dashboard", action="store_true", help="no dashboard (then no `ray job submit`)")
     args = p.parse_args(argv)
     ok, why = namespaces_available()
     if not ok:
         raise SystemExit(f"cannot start worker nodes in their own mount namespaces: {why}")
     names = [f"node_{chr(ord('b') + i)}" for i in range(args.workers)]
     cluster = LocalCluster({n: {"num_cpus": args.worker_cpus, "num_gpus": args.worker_gpus} for n in names},
-                           head_cpus=args.head_cpus, head_gpus=args.head_gpus, private=args.private)
+                           head_cpus=args.head_cpus, head_gpus=args.head_gpus, private=args.private,
+                           dashboard=not args.no_dashboard)
     cluster.start()
     print(f"cluster up: head + {', '.join(names)}\n"
-          f"  address:   {cluster.address}   dashboard: {cluster.dashboard}\n"
+          f"  address:   {cluster.address}"
+          + (f"   dashboard: {cluster.dashboard} (RAY_AUTH_MODE=token ray job submit --address ...)\n"
+             if cluster.with_dashboard else "\n") +
           f"  shared:    {cluster.shared}   (every node sees it; {', '.join(args.private)} are private per node)\n"
           f"  try:       RAY_AUTH_MODE=token python jobs/grpo_a.py ray.address={cluster.address} "
-          f"output={cluster.shared}/grpo learner.resources='{{{names[0]}: 1}}'\n"
+          f"output={cluster.shared}/grpo tracking.enabled=false learner.resources='{{{names[0]}: 1}}'\n"
           f"Ctrl-C stops it.", flush=True)
     try:
         while all(proc.poll() is None for proc in cluster.procs.values()):
