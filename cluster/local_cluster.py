@@ -83,7 +83,7 @@ class LocalCluster:
     def __init__(self, workers: Optional[dict] = None, *, head_cpus: int = 1, head_gpus: int = 0,
                  head_resources: Optional[dict] = None, private: Sequence[str] = ("/tmp",),
                  root: Optional[str] = None, python: str = sys.executable, env: Optional[dict] = None,
-                 startup_nice: int = -10, dashboard: bool = False):
+                 startup_nice: int = -19, dashboard: bool = False):
         self.workers = workers if workers is not None else {"node_b": {"num_cpus": 4}, "node_c": {"num_cpus": 4}}
         self.head_cpus, self.head_gpus = head_cpus, head_gpus
         self.head_resources = head_resources or {}
@@ -258,7 +258,7 @@ class LocalCluster:
 # ``ray start`` gives a new node a fixed 30 s to register with the GCS; on a
 # machine busy enough (several nodes start at once, other work runs) its
 # agents take longer to come up. This runs ``ray start`` with the lookup of
-# its own node retried for up to RAY_NODE_REGISTER_WAIT_S (default 90 s).
+# its own node retried for up to RAY_NODE_REGISTER_WAIT_S (default 60 s).
 # Without a dashboard, each node's dashboard agent runs in its minimal form,
 # which starts in a fraction of the time.
 _PATIENT_RAY_START = """
@@ -266,7 +266,7 @@ import os, sys, time
 import ray._private.services as services
 _get_node = services.get_node
 def _patient_get_node(*args, **kwargs):
-    deadline = time.monotonic() + float(os.environ.get("RAY_NODE_REGISTER_WAIT_S", "90"))
+    deadline = time.monotonic() + float(os.environ.get("RAY_NODE_REGISTER_WAIT_S", "60"))
     while True:
         try:
             return _get_node(*args, **kwargs)
