@@ -83,15 +83,16 @@ class LocalCluster:
     def __init__(self, workers: Optional[dict] = None, *, head_cpus: int = 1, head_gpus: int = 0,
                  head_resources: Optional[dict] = None, private: Sequence[str] = ("/tmp",),
                  root: Optional[str] = None, python: str = sys.executable, env: Optional[dict] = None,
-                 startup_nice: int = -19, dashboard: bool = False):
+                 startup_nice: int = 0, dashboard: bool = False):
         self.workers = workers if workers is not None else {"node_b": {"num_cpus": 4}, "node_c": {"num_cpus": 4}}
         self.head_cpus, self.head_gpus = head_cpus, head_gpus
         self.head_resources = head_resources or {}
         self.private = [str(Path(p)) for p in private]
         self.python = python
         # A raylet gives its agents a fixed 15 s to report their ports and aborts
-        # otherwise, which a busy machine can miss: as root, a node starts at this
-        # niceness and is put back to 0 once it is up (workers started later inherit 0).
+        # otherwise, which a busy machine can miss (a failed start is retried): as
+        # root, a node may start at a negative niceness, put back to 0 once it is up
+        # (workers started later inherit 0). Off by default.
         self.startup_nice = startup_nice
         # the dashboard (needed by `ray job submit`, not by drivers that join with
         # ray.address) is a dozen more processes starting with the head
