@@ -180,7 +180,7 @@ def check_inputs(cfg: GrpoAConfig) -> None:
     check_config(cfg)
     if cfg.data is not None:
         cfg.data = str(find_dataset(cfg.data))
-    elif cfg.profile != "tiny":
+    elif cfg.profile != "tiny" and not cfg.plan_only:  # a plan check reads no data
         raise ConfigError("data= is required: the AesRecon folder to train on")
 
 
