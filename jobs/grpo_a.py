@@ -166,6 +166,18 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError(f"resume must be never, auto or a checkpoint folder; '{cfg.resume}' is none of these")
 
 
+def gpus_needed(cfg: GrpoAConfig) -> int:
+    """GPUs the run's pools hold at once: rollout, reward (when the judge is
+    needed), reference (when KL is on) and the learner group."""
+    from aesformer.actors.reward import needs_judge
+
+    ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
+    total = ro.actors * ro.gpus_per_actor + ln.workers * ln.gpus_per_worker
+    total += rw.actors * rw.gpus_per_actor if needs_judge(rw.weights, rw.alignment) else 0
+    total += rf.actors * rf.gpus_per_actor if ln.kl_coef != 0 else 0
+    return math.ceil(total)
+
+
 # -- data ---------------------------------------------------------------------------------
 
 def build_default_data(folder: Path, seed: int, per_photo: int = 2, side: int = 128) -> Path:
@@ -671,10 +683,12 @@ def run(cfg: GrpoAConfig) -> dict:
             prompts = train.load(ids, cap)
             created = object_store_created_bytes()
             image_bytes = stage_images(prompts)
-            out = {"ids": ids, "image_bytes": image_bytes, "created": created, "samples": None, "times": {}}
+            out = {"ids": ids, "image_bytes": image_bytes, "samples": None, "times": {}}
             if prompts:
                 out["samples"], out["times"] = trainer.sample_and_score(prompts, {**sampling, "seed": seed},
                                                                         trainer.use_reference)
+            after = object_store_created_bytes()  # what this step's data put in the object store
+            out["transfer_bytes"] = (after - created) if None not in (after, created) else None
             return out
 
         last: dict = {}
@@ -709,12 +723,11 @@ def run(cfg: GrpoAConfig) -> dict:
             times["sync"] = time.perf_counter() - t - sync["raw_copy_seconds"]
             times["sync_raw_copy"] = sync["raw_copy_seconds"]
             times["step"] = time.perf_counter() - t_step
-            created = object_store_created_bytes()
             versions = [s["weight_version"] for s in samples]
             metrics.update(reward_metrics(samples))
             metrics.update({f"time/{k}": v for k, v in times.items()})
             metrics.update({"weight_sync_bytes": sync["bytes"], "weight_sync_object_store_bytes": sync["object_store_bytes"],
-                            "transfer_bytes": (created - current["created"]) if None not in (created, current["created"]) else None,
+                            "transfer_bytes": current["transfer_bytes"],
                             "prompt_image_bytes": current["image_bytes"],
                             "weight_version_mean": float(np.mean(versions)),
                             "weight_staleness_max": float(max(step - 1 - v for v in versions)),
