@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 DEFAULT_BUCKET_BYTES = 64 << 20
-DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TIMEOUT_S = 180.0  # per rendezvous or broadcast; a dead peer fails the sync within it
 
 
 class WeightClient(Protocol):
