@@ -367,6 +367,10 @@ class _NcclTransfer:
                 return [ParamMeta(n, dtype, tuple(shape)) for n, dtype, shape in source.metadata]
 
             def iter_full(self):
+                outer.active = self._iter_full()
+                return outer.active
+
+            def _iter_full(self):
                 for name, tensor in source.iter_full():
                     if rank == 0:
                         outer.raw_copy_seconds += _raw_copy_time(tensor)
@@ -374,18 +378,26 @@ class _NcclTransfer:
                         outer.tensors += 1
                     yield name, tensor
 
-        self.client, self.time = client, time
+        self.client, self.time, self.active = client, time, None
+        self.source = Source()
         self.engine = WeightTransferTrainerFactory.trainer_init(
             NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world, rank=rank, packed=True,
                                 packed_buffer_size_bytes=bucket_bytes),
-            client=client, source=Source())
+            client=client, source=self.source)
 
     def send(self, version: int) -> dict:
         if self.client is not None:
             self.client.version = version
         self.raw_copy_seconds, self.bytes, self.tensors = 0.0, 0, 0
         t = self.time.perf_counter()
-        self.engine.send_weights()
+        self.active = None
+        try:
+            self.engine.send_weights()
+        except BaseException:
+            # the other ranks are still gathering layer by layer: finish the pass with them, then fail
+            for _ in self.active if self.active is not None else self.source.iter_full():
+                pass
+            raise
         seconds = self.time.perf_counter() - t - self.raw_copy_seconds
         return {"bytes": self.bytes, "tensors": self.tensors, "seconds": seconds,
                 "raw_copy_seconds": self.raw_copy_seconds}

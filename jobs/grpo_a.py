@@ -413,6 +413,10 @@ class Trainer:
         self.syncing = True
         try:
             for attempt in (0, 1):
+                # a rollout actor that died since its last call is replaced first
+                for i, a in enumerate(list(self.rollout.actors)):
+                    if not _alive(a):
+                        self.rollout.restart(i, "found dead before the weight sync")
                 members = tuple(self.rollout.generations)
                 try:
                     if self.transfer_members != members:

@@ -312,7 +312,12 @@ class GlooTrainerTransfer:
         if not self.is_sender:
             return send_packed(None, self.source.iter_full(), info, self.bucket_bytes, measure_raw_copy=False)
         message = {"names": [], "dtype_names": [], "shapes": []} if info == self.sent_info else info
-        self.client.start_weight_update()
+        try:
+            self.client.start_weight_update()
+        except BaseException:
+            # the other ranks are already gathering layer by layer: take part, then fail
+            send_packed(None, self.source.iter_full(), info, self.bucket_bytes, measure_raw_copy=False)
+            raise
         pool = ThreadPoolExecutor(max_workers=1)
         try:
             received = pool.submit(self.client.update_weights, message)  # the engines receive while we send
