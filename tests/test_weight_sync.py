@@ -157,3 +157,25 @@ def test_other_trainer_ranks_only_iterate_the_source():
                                                 client=None, source=Counting(trainer.named_parameters()))
     stats = follower.send_weights("1")
     assert len(seen) == 8 and stats.bytes == 0 and follower.group is None
+
+
+def test_a_failed_start_still_takes_part_in_every_gather_then_fails():
+    """An engine that died makes the control call fail; the other learner
+    ranks are already gathering layer by layer, so rank 0 finishes the pass
+    with them (or they would wait forever) and then reports the failure."""
+    seen = []
+
+    class Counting(GatheredSource):
+        def iter_full(self):
+            for name, t in super().iter_full():
+                seen.append(name)
+                yield name, t
+
+    class DeadEngine(ThreadClient):
+        def start_weight_update(self):
+            raise RuntimeError("the engine died")
+
+    sender = GlooTrainerTransfer(DeadEngine([]), Counting(Model(0).named_parameters()), rank=0, bucket_bytes=1 << 20)
+    with pytest.raises(RuntimeError, match="died"):
+        sender.send_weights("3")
+    assert len(seen) == 8
