@@ -409,7 +409,7 @@ class Trainer:
 
         from aesformer.cluster import object_store_created_bytes
 
-        created = object_store_created_bytes()
+        created = after = None
         self.syncing = True
         try:
             for attempt in (0, 1):
@@ -422,7 +422,9 @@ class Trainer:
                     if self.transfer_members != members:
                         self._open_transfer(list(self.rollout.actors))
                         self.transfer_members = members
+                    created = object_store_created_bytes()  # around the send itself, not restarts
                     stats = ray.get(self.learner.call_all("send_weights", version), timeout=900)[0]
+                    after = object_store_created_bytes()
                     break
                 except Exception as e:
                     self.transfer_members = None
@@ -434,7 +436,6 @@ class Trainer:
         finally:
             self.syncing = False
         self.weights_version = version
-        after = object_store_created_bytes()
         stats["object_store_bytes"] = (after - created) if None not in (after, created) else None
         return stats
 

@@ -201,9 +201,9 @@ def test_a_killed_rollout_actor_is_replaced_and_the_run_completes(ray_session, s
     steps = steps_of(cfg.output)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert result["finished"] and result["restarts"] >= 1
-    # the replacement joined a transfer group of its own and received the current
-    # weights before sampling again; the next sync opened one with every engine
-    assert steps[-1]["weight_transfer_groups"] >= 3
+    # the replacement joined a new transfer group (its own at once, or every engine's at
+    # the next sync when the death showed there) and received the current weights
+    assert steps[-1]["weight_transfer_groups"] >= 2
     assert max(s["logprob_mismatch"] for s in steps) < 1e-3
     assert all(s["weight_sync_object_store_bytes"] == 0 for s in steps)
 
