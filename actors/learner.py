@@ -14,9 +14,12 @@ policy loss plus ``kl_coef`` times the k3 KL to the reference policy. Every
 rank runs the same number of forward passes (short shards are padded with a
 zero-weight copy of a real sample), as ZeRO-3's collectives require.
 
-Weights leave the group as raw bytes plus a JSON-able description
-(:func:`aesformer.engines.pack_weights`), gathered from ZeRO-3 partitions
-chunk by chunk with ``deepspeed.zero.GatheredParameters``.
+Weights leave the group over a collective to the rollout engines
+(``aesformer.weight_sync``): every rank gathers the ZeRO-3 partitions layer
+by layer (``aesformer.ds.GatheredSource``) while rank 0 broadcasts each
+layer to the engines — vLLM's NCCL weight-transfer engine on GPU, a gloo
+group on CPU — and drives the engines' init / start / update / finish calls.
+No weight byte goes through the object store.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ class LearnerWorker:
         use_worker_threads()
         self.rank, self.world, self.model_path, self.s = rank, world, model_path, dict(settings)
         self.engine = None
+        self.transfer = None
+        self.version = 0  # the step whose update these weights are
 
     def pid(self) -> int:
         return os.getpid()
@@ -108,8 +113,10 @@ class LearnerWorker:
 
         from aesformer.engines import policy_inputs, sequence_logprobs
 
-        inputs = policy_inputs(self.processor, [x["request"] for x in samples], [x["response_ids"] for x in samples],
-                               self.s.get("max_pixels"))
+        from aesformer.actors.images import resolve_requests
+
+        inputs = policy_inputs(self.processor, resolve_requests([x["request"] for x in samples]),
+                               [x["response_ids"] for x in samples], self.s.get("max_pixels"))
         ctx = torch.enable_grad() if with_grad else torch.no_grad()
         with ctx:
             logp, entropy = sequence_logprobs(self.engine, inputs, self.s["temperature"], with_entropy=True,
@@ -140,7 +147,8 @@ class LearnerWorker:
             out[i, :n] = torch.tensor(list(r)[:n], dtype=torch.float32)
         return out.to(like.device)
 
-    def update(self, minibatches: Sequence[Sequence[dict]], totals: Sequence[dict], filler: dict) -> dict:
+    def update(self, minibatches: Sequence[Sequence[dict]], totals: Sequence[dict], filler: dict,
+               version: Optional[int] = None) -> dict:
         """Train on this rank's share of each mini-batch (one optimizer step per
         mini-batch). A sample is a dict with ``request``, ``response_ids``,
         ``rollout_logprobs``, ``ref_logprobs`` and ``advantage``; ``totals[u]``
@@ -172,7 +180,9 @@ class LearnerWorker:
             offset = 0
             for chunk, weight in self._micro_batches(samples, filler):
                 logp, entropy, mask = self._forward(chunk, weight, with_grad=True)
-                if separate_old and weight:
+                if s.get("ratio_base") == "rollout":  # off-policy samples: the behaviour policy's own log-probs
+                    old_logp = self._padded([x["rollout_logprobs"] for x in chunk], logp)
+                elif separate_old and weight:
                     old_logp = self._padded(old[u][offset:offset + len(chunk)], logp)
                 else:
                     old_logp = logp.detach()
@@ -211,6 +221,7 @@ class LearnerWorker:
             if norm_value is not None:
                 grad_norms.append(float(norm_value))
         sums["grad_norm"] = grad_norms[-1] if grad_norms else float("nan")
+        self.version = self.version + 1 if version is None else int(version)
         return sums
 
     # -- weights out ------------------------------------------------------------------------
@@ -227,22 +238,48 @@ class LearnerWorker:
             groups.append(current)
         return groups
 
-    def weights(self, max_chunk_bytes: int = 256 << 20) -> dict:
-        """The trainable weights as packed chunks in the object store (rank 0
-        returns their refs; the other ranks take part in the ZeRO-3 gathers
-        and return none). A collective: call it on every rank."""
-        from aesformer.ds import gathered
-        from aesformer.engines import pack_weights
+    def init_transfer(self, handles: Sequence, world_sizes: Sequence[int], bucket_bytes: int) -> dict:
+        """Open a weight-transfer group between rank 0 and the rollout engines
+        ``handles`` (replacing any earlier group). A collective: call it on
+        every rank; the others only keep the source for the gathers."""
+        import torch
 
-        refs, nbytes, tensors = [], 0, 0
-        for group in self._chunks(max_chunk_bytes):
-            with gathered([p for _, p in group]):
-                if self.rank == 0:
-                    meta, buffer = pack_weights((n, p.data) for n, p in group)
-                    refs.append(ray.put((meta, buffer)))
-                    nbytes += len(buffer)
-                    tensors += len(meta)
-        return {"refs": refs, "bytes": nbytes, "tensors": tensors}
+        from aesformer.actors.rollout import RolloutClient
+        from aesformer.ds import GatheredSource
+
+        if self.transfer is not None:
+            self.transfer.shutdown()
+            self.transfer = None
+        source = GatheredSource(self.trainable)
+        client = RolloutClient(handles, world_sizes) if self.rank == 0 else None
+        world = 1 + sum(int(w) for w in world_sizes)
+        address, port = self.address() if self.rank == 0 else ("", 0)
+        if torch.cuda.is_available():
+            self.transfer = _NcclTransfer(address, port, world, self.rank, client, source, bucket_bytes)
+        else:
+            from aesformer.weight_sync import GlooTrainerTransfer
+
+            self.transfer = _GlooTransfer(GlooTrainerTransfer.trainer_init(
+                {"master_address": address, "master_port": port, "world_size": world, "rank": self.rank,
+                 "bucket_bytes": bucket_bytes}, client=client, source=source), client)
+        return {"rank": self.rank, "world_size": world, "backend": "nccl" if torch.cuda.is_available() else "gloo"}
+
+    def send_weights(self, version: Optional[int] = None) -> Optional[dict]:
+        """Send the current weights to the engines of the transfer group,
+        tagged ``version`` (default: this learner's own). A collective; rank 0
+        returns bytes, tensors, the send's seconds and the seconds of a raw
+        in-process copy of the same tensors."""
+        if self.transfer is None:
+            raise RuntimeError("no weight-transfer group: call init_transfer first")
+        stats = self.transfer.send(self.version if version is None else int(version))
+        return stats if self.rank == 0 else None
+
+    def get_version(self) -> int:
+        return self.version
+
+    def set_version(self, version: int) -> int:
+        self.version = int(version)
+        return self.version
 
     def checksum(self) -> Optional[str]:
         """sha256 of the trainable weights (rank 0; a collective under ZeRO-3)."""
@@ -288,3 +325,82 @@ class LearnerWorker:
             self.processor.save_pretrained(str(tmp))
 
         return str(write_dir(Path(directory), save))
+
+
+class _GlooTransfer:
+    def __init__(self, engine, client):
+        self.engine, self.client = engine, client
+
+    def send(self, version: int) -> dict:
+        if self.client is not None:
+            self.client.version = version
+        st = self.engine.send_weights(str(version))
+        return {"bytes": st.bytes, "tensors": st.tensors, "seconds": st.seconds, "raw_copy_seconds": st.raw_copy_seconds}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class _NcclTransfer:
+    """vLLM 0.33's trainer-side NCCL engine (``WeightTransferTrainerFactory``,
+    ``NCCLTrainerInitInfo``) fed by the layer-by-layer ZeRO-3 source; rank 0
+    sends (packed buffers), the other ranks only join the gathers."""
+
+    def __init__(self, address: str, port: int, world: int, rank: int, client, source, bucket_bytes: int):
+        import time
+        from functools import cached_property
+
+        from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        from aesformer.weight_sync import _raw_copy_time
+
+        outer = self
+        self.raw_copy_seconds = 0.0
+        self.bytes = 0
+        self.tensors = 0
+
+        class Source(WeightSource):
+            @cached_property
+            def metadata(self):
+                return [ParamMeta(n, dtype, tuple(shape)) for n, dtype, shape in source.metadata]
+
+            def iter_full(self):
+                outer.active = self._iter_full()
+                return outer.active
+
+            def _iter_full(self):
+                for name, tensor in source.iter_full():
+                    if rank == 0:
+                        outer.raw_copy_seconds += _raw_copy_time(tensor)
+                        outer.bytes += tensor.numel() * tensor.element_size()
+                        outer.tensors += 1
+                    yield name, tensor
+
+        self.client, self.time, self.active = client, time, None
+        self.source = Source()
+        self.engine = WeightTransferTrainerFactory.trainer_init(
+            NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world, rank=rank, packed=True,
+                                packed_buffer_size_bytes=bucket_bytes),
+            client=client, source=self.source)
+
+    def send(self, version: int) -> dict:
+        if self.client is not None:
+            self.client.version = version
+        self.raw_copy_seconds, self.bytes, self.tensors = 0.0, 0, 0
+        t = self.time.perf_counter()
+        self.active = None
+        try:
+            self.engine.send_weights()
+        except BaseException:
+            # the other ranks are still gathering layer by layer: finish the pass with them, then fail
+            for _ in self.active if self.active is not None else self.source.iter_full():
+                pass
+            raise
+        seconds = self.time.perf_counter() - t - self.raw_copy_seconds
+        return {"bytes": self.bytes, "tensors": self.tensors, "seconds": seconds,
+                "raw_copy_seconds": self.raw_copy_seconds}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -130,6 +130,11 @@ class ActorPool:
         self._pending[ref] = (key, i, self._generation[i], method, args, _attempts)
 
     @property
+    def generations(self) -> list[int]:
+        """How many times each actor was replaced (tells a replacement apart)."""
+        return list(self._generation)
+
+    @property
     def busy(self) -> int:
         return len(self._pending)
 

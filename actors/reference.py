@@ -37,8 +37,10 @@ class ReferenceWorker:
         sampling temperature (as the learner computes its own)."""
         import torch
 
+        from aesformer.actors.images import resolve_requests
         from aesformer.engines import policy_inputs, sequence_logprobs
 
+        requests = resolve_requests(requests)  # photos arrive as object-store references, each fetched once
         out: list[list[float]] = []
         with torch.no_grad():
             for s in range(0, len(requests), self.micro_batch):

@@ -46,7 +46,8 @@ class RewardWorker:
 
     def score(self, items: Sequence[dict]) -> dict[str, list[float]]:
         """``items``: dicts with ``text`` (the plan), ``reference`` (the
-        reference plan text) and ``image`` (the poor photo, PIL). Returns
+        reference plan text) and ``image`` (the poor photo: PIL, or its
+        object-store reference). Returns
         lists ``rf``, ``ra``, ``rc`` and the weighted ``reward``."""
         from aesformer.actions import format_reward
         from aesformer.rewards import alignment_prompt, combine, creativity_prompt, expected_score, judge_messages, rule_alignment
@@ -63,6 +64,9 @@ class RewardWorker:
                 requests = [{"text": alignment_prompt(it["text"], it["reference"])} for it in items]
                 ra = [float(x) for x in expected_score(self.judge.score_tokens(requests, self.score_ids))]
         if wc != 0:
+            from aesformer.actors.images import resolve_items
+
+            items = resolve_items(items)  # the photos arrive as object-store references
             requests = [{"messages": judge_messages(creativity_prompt(it["text"]), it["image"])} for it in items]
             rc = [float(x) for x in expected_score(self.judge.score_tokens(requests, self.score_ids))]
         reward = [float(combine(f, a, c, self.weights)) for f, a, c in zip(rf, ra, rc)]

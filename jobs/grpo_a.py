@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from aesformer.cluster import init_ray
+from aesformer.cluster import init_ray, object_store_created_bytes
 from aesformer.config import ConfigError, JobConfig
 from aesformer.job import run_job
 from aesformer.progress import DETAIL, Progress
@@ -73,6 +73,9 @@ class RolloutConfig:
     max_pixels: int = 1048576
     chunk_prompts: int = 8  # prompts per generate call; scoring starts as each chunk finishes
     resources: dict = field(default_factory=dict)  # custom resources per actor, e.g. {node_b: 1} pins it
+    # one-step-off-policy: step k+1's rollout runs while the learner updates on step k
+    # (its samples come from the weights before that update; the ratio uses their own log-probs)
+    async_: bool = False  # the key is rollout.async
 
 
 @dataclass
@@ -121,7 +124,7 @@ class LearnerConfig:
     gradient_checkpointing: bool = True
     placement: str = "auto"  # auto: STRICT_PACK (one node) when a node can hold the group, else PACK
     resources: dict = field(default_factory=dict)
-    sync_chunk_mb: int = 256  # weights travel to the rollout engines in chunks of this size
+    sync_bucket_mb: int = 64  # weights travel to the rollout engines in broadcast buckets of this size
 
 
 @dataclass
@@ -188,7 +191,7 @@ def check_inputs(cfg: GrpoAConfig) -> None:
 
 def pool_asks(cfg: GrpoAConfig) -> list[PoolAsk]:
     """What each pool asks of the cluster, the learner group first (it is placed first)."""
-    from aesformer.actors.reward import needs_judge
+    from aesformer.rewards import needs_judge
 
     ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
     judge = needs_judge(rw.weights, rw.alignment)
@@ -222,6 +225,18 @@ def fit_pools(cfg: GrpoAConfig, nodes) -> tuple[list[PoolAsk], dict]:
         cfg.reference.cpus_per_actor = cpus["reference"]
     cfg.learner.placement = placed["learner"]["strategy"]
     return asks, placed
+
+
+def gpus_needed(cfg: GrpoAConfig) -> int:
+    """GPUs the run's pools hold at once: rollout, reward (when the judge is
+    needed), reference (when KL is on) and the learner group."""
+    from aesformer.rewards import needs_judge
+
+    ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
+    total = ro.actors * ro.gpus_per_actor + ln.workers * ln.gpus_per_worker
+    total += rw.actors * rw.gpus_per_actor if needs_judge(rw.weights, rw.alignment) else 0
+    total += rf.actors * rf.gpus_per_actor if ln.kl_coef != 0 else 0
+    return math.ceil(total)
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -264,12 +279,14 @@ class Prompts:
             out.extend(self.order(epoch)[i:i + count - len(out)])
         return out
 
-    def load(self, ids: list[str]) -> list[dict]:
-        """Prompt records (id, request, reference) for ``ids``, in order."""
+    def load(self, ids: list[str], max_pixels: Optional[int] = None) -> list[dict]:
+        """Prompt records (id, request, reference) for ``ids``, in order; each
+        photo decoded once and capped to ``max_pixels`` (aspect kept)."""
         import pyarrow.compute as pc
         import pyarrow.dataset as pads
 
         from aesformer.data import PairError, decode_image, finished_shards
+        from aesformer.engines import prepare_image
 
         dataset = pads.dataset([str(p) for p in finished_shards(self.folder)], format="parquet")
         table = dataset.to_table(columns=["id", "poor_image"], filter=pc.field("id").isin(list(set(ids))))
@@ -277,7 +294,7 @@ class Prompts:
         out = []
         for rid in ids:
             try:
-                photo = decode_image(images.get(rid), row=rid, field="poor_image")
+                photo = prepare_image(decode_image(images.get(rid), row=rid, field="poor_image"), max_pixels)
             except PairError as e:
                 self._quarantine(rid, e.reason)
                 continue
@@ -321,6 +338,16 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return (float(a.mean()), float(a.std())) if a.size else (0.0, 0.0)
 
 
+def _alive(actor: Any, timeout: float = 30.0) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.get_version.remote(), timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
 class Trainer:
     """The pools of one GRPO-A run and the step that ties them together."""
 
@@ -347,7 +374,10 @@ class Trainer:
 
         cfg = self.cfg
         ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
-        self.weights_version, self.weights_refs = 0, []
+        self.weights_version = 0
+        self.transfer_members: Optional[tuple] = None  # the rollout actors of the current transfer group
+        self.syncing = False
+        self.transfer_groups = 0  # groups opened (a replaced rollout actor needs a new one)
         timeouts = dict(ready_timeout=cfg.ray.placement_timeout, call_timeout=cfg.ray.call_timeout)
         # the learner group first (its placement is the hardest): one placement group,
         # rank 0 hosts the process group
@@ -358,7 +388,8 @@ class Trainer:
                         grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio=ln.clip_ratio,
                         kl_coef=ln.kl_coef, kl_estimator=ln.kl_estimator, loss_agg=ln.loss_agg,
                         freeze_vision=ln.freeze_vision, gradient_checkpointing=ln.gradient_checkpointing,
-                        temperature=ro.temperature, max_pixels=ro.max_pixels)
+                        temperature=ro.temperature, max_pixels=ro.max_pixels,
+                        ratio_base="rollout" if ro.async_ else "learner")
         self.learner = ActorPool(f"{self.tag}-learner", LearnerWorker, ln.workers,
                                  {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker, **ln.resources},
                                  lambda i: (i, ln.workers, policy, settings), strategy=ln.placement, max_restarts=0,
@@ -373,7 +404,7 @@ class Trainer:
                             seed=cfg.seed)
         self.rollout = ActorPool(f"{self.tag}-rollout", RolloutWorker, ro.actors,
                                  {"CPU": ro.cpus_per_actor, "GPU": ro.gpus_per_actor, **ro.resources},
-                                 lambda i: (ro.engine, policy, rollout_opts), on_start=self._push_current_weights,
+                                 lambda i: (ro.engine, policy, rollout_opts), on_start=self._rejoin,
                                  **timeouts)
         self.pools.append(self.rollout)
         judge_needed = needs_judge(rw.weights, rw.alignment)
@@ -399,19 +430,66 @@ class Trainer:
             pool.shutdown()
 
     # -- weights ----------------------------------------------------------------------------
-    def _push_current_weights(self, actor: Any) -> None:
-        if self.weights_version > 0:
-            actor.update_weights.remote(self.weights_version, *self.weights_refs)
+    def _open_transfer(self, actors: list) -> None:
+        """A new transfer group: learner rank 0 and the engines of ``actors``."""
+        import ray
+
+        sizes = ray.get([a.transfer_world_size.remote() for a in actors], timeout=600)
+        ray.get(self.learner.call_all("init_transfer", actors, sizes, self.cfg.learner.sync_bucket_mb << 20),
+                timeout=900)
+        self.transfer_groups += 1
+
+    def _rejoin(self, actor: Any) -> None:
+        """A replacement rollout actor loaded the starting policy from disk: it
+        joins a transfer group of its own and receives the learner's current
+        weights; the next sync opens a group with every engine again."""
+        import ray
+
+        if self.syncing or self.weights_version == 0:
+            return  # a sync in progress reopens the group itself; version 0 is what it loaded
+        self.transfer_members = None
+        self._open_transfer([actor])
+        ray.get(self.learner.call_all("send_weights", None), timeout=900)
 
     def sync(self, version: int) -> dict:
-        """Gather the learner's weights and load them into every rollout engine."""
-        out = self.learner.get_all("weights", self.cfg.learner.sync_chunk_mb << 20)[0]
-        self.weights_version, self.weights_refs = version, out["refs"]
-        for i in range(self.rollout.size):
-            self.rollout.submit(("sync", i), "update_weights", version, *out["refs"], index=i)
-        for _ in self.rollout.results():
-            pass
-        return {"bytes": out["bytes"], "tensors": out["tensors"]}
+        """Send the learner's weights (tagged ``version``) to every rollout
+        engine over the transfer group, opening a new group when the engines
+        changed. A rollout actor that dies meanwhile is replaced and the sync
+        retried once. Returns bytes, tensors, the send's seconds and the
+        seconds of a raw in-process copy of the same tensors."""
+        import ray
+
+        from aesformer.cluster import object_store_created_bytes
+
+        created = after = None
+        self.syncing = True
+        try:
+            for attempt in (0, 1):
+                # a rollout actor that died since its last call is replaced first
+                for i, a in enumerate(list(self.rollout.actors)):
+                    if not _alive(a):
+                        self.rollout.restart(i, "found dead before the weight sync")
+                members = tuple(self.rollout.generations)
+                try:
+                    if self.transfer_members != members:
+                        self._open_transfer(list(self.rollout.actors))
+                        self.transfer_members = members
+                    created = object_store_created_bytes()  # around the send itself, not restarts
+                    stats = ray.get(self.learner.call_all("send_weights", version), timeout=900)[0]
+                    after = object_store_created_bytes()
+                    break
+                except Exception as e:
+                    self.transfer_members = None
+                    dead = [i for i, a in enumerate(self.rollout.actors) if not _alive(a)]
+                    if attempt or not dead:
+                        raise
+                    for i in dead:
+                        self.rollout.restart(i, f"died during the weight sync ({type(e).__name__})")
+        finally:
+            self.syncing = False
+        self.weights_version = version
+        stats["object_store_bytes"] = (after - created) if None not in (after, created) else None
+        return stats
 
     # -- one step -------------------------------------------------------------------------------
     def sample_and_score(self, prompts: list[dict], sampling: dict, with_reference: bool) -> tuple[list, dict]:
@@ -461,6 +539,7 @@ class Trainer:
                 for c in group:
                     s = {"prompt_id": p["id"], "request": p["request"], "response_ids": c["token_ids"],
                          "rollout_logprobs": c["logprobs"], "text": c["text"], "finish_reason": c["finish_reason"],
+                         "weight_version": c.get("weight_version", 0),
                          **{name: rewards[k][name][j] for name in ("rf", "ra", "rc", "reward")}}
                     s["ref_logprobs"] = refs[k][j] if with_reference else c["logprobs"]
                     samples.append(s)
@@ -473,8 +552,9 @@ class Trainer:
         times["generate_and_score"] = max(marks["rollout_end"], marks["reward_end"], marks["reference_end"]) - t0
         return samples, times
 
-    def update(self, samples: list[dict]) -> dict:
-        """Advantages, then the learner's update(s) on the whole batch."""
+    def start_update(self, samples: list[dict], version: int) -> tuple:
+        """Advantages, then the learner's update(s) on the whole batch, started
+        (not awaited): the learner's weights become step ``version``'s."""
         from aesformer.grpo import group_advantages
 
         n = self.cfg.rollout.n
@@ -487,8 +567,12 @@ class Trainer:
         minibatches = [lean[i:i + per_update] for i in range(0, len(lean), per_update)]
         totals = [{"tokens": sum(len(x["response_ids"]) for x in mb), "sequences": len(mb)} for mb in minibatches]
         W = self.learner.size
-        refs = [w.update.remote([mb[r::W] for mb in minibatches], totals, lean[0])
+        refs = [w.update.remote([mb[r::W] for mb in minibatches], totals, lean[0], version)
                 for r, w in enumerate(self.learner.actors)]
+        return refs, adv, len(minibatches)
+
+    def finish_update(self, started: tuple) -> dict:
+        refs, adv, updates = started
         parts = self.learner.get(refs, "update")
         total = {k: sum(p[k] for p in parts) for k in parts[0] if k not in ("mismatch_max", "grad_norm")}
         tokens = max(1.0, total["tokens"])
@@ -496,9 +580,26 @@ class Trainer:
                 "logprob_mismatch_max": max(p["mismatch_max"] for p in parts),
                 "entropy": total["entropy"] / tokens, "kl": total["kl"] / tokens,
                 "clip_frac": total["clip"] / tokens, "pg_loss": total["pg_loss"], "loss": total["loss"],
-                "grad_norm": parts[0]["grad_norm"], "updates": len(minibatches),
+                "grad_norm": parts[0]["grad_norm"], "updates": updates,
                 "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
                 "advantage_abs_mean": float(adv.abs().mean())}
+
+    def update(self, samples: list[dict], version: int) -> dict:
+        return self.finish_update(self.start_update(samples, version))
+
+
+def stage_images(prompts: list[dict]) -> int:
+    """Put each prompt's (already capped) photo in the object store once; the
+    requests then carry the reference, which every pool takes. Returns the
+    bytes of the capped photos."""
+    from aesformer.actors.images import put_image
+
+    nbytes = 0
+    for p in prompts:
+        images = p["request"].get("images") or []
+        nbytes += sum(im.width * im.height * 3 for im in images)
+        p["request"] = {**p["request"], "images": [put_image(im) for im in images]}
+    return nbytes
 
 
 def reward_metrics(samples: list[dict], prefix: str = "") -> dict:
@@ -584,42 +685,77 @@ def run(cfg: GrpoAConfig) -> dict:
             checksum = trainer.learner.get_all("checksum")[0]
             if state.get("weights_sha256") and checksum != state["weights_sha256"]:
                 raise RuntimeError(f"the weights loaded from {resume_dir} differ from the ones saved there")
+            ray.get(trainer.learner.call_all("set_version", state["step"]))
             trainer.sync(state["step"])
             result.update(resumed_from=str(resume_dir), resumed_weights_sha256=checksum)
             log.info("resumed from %s: step %d, data position %d", resume_dir, start_step, position)
         sampling = {"n": cfg.rollout.n, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                     "max_tokens": cfg.rollout.max_tokens}
+        cap = max(cfg.rollout.max_pixels or 0, cfg.reward.max_pixels or 0) or None  # each pool caps again to its own
+
+        def rollout_step(at: int, seed: int) -> dict:
+            """Take, load and stage the prompts at data position ``at``; rollout,
+            rewards and reference log-probs on the engines' current weights."""
+            ids = train.take(at, cfg.prompts_per_step)
+            prompts = train.load(ids, cap)
+            created = object_store_created_bytes()
+            image_bytes = stage_images(prompts)
+            out = {"ids": ids, "image_bytes": image_bytes, "samples": None, "times": {}}
+            if prompts:
+                out["samples"], out["times"] = trainer.sample_and_score(prompts, {**sampling, "seed": seed},
+                                                                        trainer.use_reference)
+            after = object_store_created_bytes()  # what this step's data put in the object store
+            out["transfer_bytes"] = (after - created) if None not in (after, created) else None
+            return out
+
         last: dict = {}
         run_steps, last_step = 0, start_step - 1
         t_run = time.perf_counter()
+        ahead: Optional[dict] = None  # rollout.async: the next step's samples, from the weights before this update
         steps_bar = Progress("grpo_a", total_steps, "steps", start=start_step - 1)
         for step in range(start_step, total_steps + 1):
             t_step = time.perf_counter()
-            ids = train.take(position, cfg.prompts_per_step)
-            prompts = train.load(ids)
+            current = ahead or rollout_step(position, int(rng.integers(2 ** 31)))
+            ahead = None
+            ids, samples, times = current["ids"], current["samples"], dict(current["times"])
             position += cfg.prompts_per_step
             last_step = step
-            if not prompts:
+            rng_state = rng.bit_generator.state  # what a checkpoint of this step resumes from
+            if samples is None:
                 log.warning("step %d: every prompt was quarantined (see quarantine.jsonl); skipping it", step)
                 continue
-            samples, times = trainer.sample_and_score(prompts, {**sampling, "seed": int(rng.integers(2 ** 31))},
-                                                      trainer.use_reference)
             t = time.perf_counter()
-            metrics = trainer.update(samples)
+            started = trainer.start_update(samples, step)
+            if cfg.rollout.async_ and step < total_steps and not (cfg.stop_after is not None
+                                                                  and run_steps + 1 >= cfg.stop_after):
+                # step k+1's rollout on the engines' weights while the learner updates on step k
+                ahead = rollout_step(position, int(rng.integers(2 ** 31)))
+                times["overlapped_rollout"] = ahead["times"].get("generate_and_score", 0.0)
+            metrics = trainer.finish_update(started)
             times["update"] = time.perf_counter() - t
-            sync = {"bytes": 0, "tensors": 0}
+            sync = {"bytes": 0, "tensors": 0, "seconds": 0.0, "raw_copy_seconds": 0.0, "object_store_bytes": 0}
             t = time.perf_counter()
             if cfg.sync_every and step % cfg.sync_every == 0:
                 sync = trainer.sync(step)
-            times["sync"] = time.perf_counter() - t
+            # the sync's wall time without the raw copy it timed alongside
+            times["sync"] = time.perf_counter() - t - sync["raw_copy_seconds"]
+            times["sync_raw_copy"] = sync["raw_copy_seconds"]
             times["step"] = time.perf_counter() - t_step
+            versions = [s["weight_version"] for s in samples]
             metrics.update(reward_metrics(samples))
             metrics.update({f"time/{k}": v for k, v in times.items()})
-            metrics.update({"weight_sync_bytes": sync["bytes"], "epoch": position / max(1, len(train)),
+            metrics.update({"weight_sync_bytes": sync["bytes"], "weight_sync_object_store_bytes": sync["object_store_bytes"],
+                            "transfer_bytes": current["transfer_bytes"],
+                            "prompt_image_bytes": current["image_bytes"],
+                            "weight_version_mean": float(np.mean(versions)),
+                            "weight_staleness_max": float(max(step - 1 - v for v in versions)),
+                            "weight_transfer_groups": trainer.transfer_groups,
+                            "epoch": position / max(1, len(train)),
                             "restarts": sum(p.restarts for p in trainer.pools)})
             if cfg.val_every and step % cfg.val_every == 0 and len(val):
                 t = time.perf_counter()
-                vprompts = val.load(val.ids[:cfg.val_prompts])
+                vprompts = val.load(val.ids[:cfg.val_prompts], cap)
+                stage_images(vprompts)
                 vs, _ = trainer.sample_and_score(vprompts, {"n": 1, "temperature": cfg.val_temperature,
                                                             "top_p": cfg.val_top_p, "max_tokens": cfg.rollout.max_tokens,
                                                             "seed": cfg.seed}, with_reference=False)
@@ -627,7 +763,8 @@ def run(cfg: GrpoAConfig) -> dict:
                 metrics["time/validate"] = time.perf_counter() - t
             tracker.log_metrics(metrics, step=step)
             best = max(samples, key=lambda x: x["reward"])
-            record = {"step": step, "prompt_ids": ids, **metrics, "best_sample": best["text"][:2000]}
+            record = {"step": step, "prompt_ids": ids, **metrics, "weight_versions": versions,
+                      "best_sample": best["text"][:2000]}
             steps_log.write(json.dumps(record) + "\n")
             steps_log.flush()
             eta = (time.perf_counter() - t_run) / (run_steps + 1) * (total_steps - step)
@@ -644,7 +781,7 @@ def run(cfg: GrpoAConfig) -> dict:
                 trainer.learner.get_all("save", str(folder), {"step": step})
                 checksum = trainer.learner.get_all("checksum")[0]
                 checkpoints.write_state(folder, {
-                    "step": step, "data_position": position, "rng": rng.bit_generator.state,
+                    "step": step, "data_position": position, "rng": rng_state,
                     "weights_sha256": checksum, "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
                     "total_steps": total_steps, "time": time.time()})
                 checkpoints.prune(ckpt_root, "step-*", cfg.keep_checkpoints)

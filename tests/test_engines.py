@@ -237,3 +237,104 @@ def test_vllm_update_weights_changes_the_outputs_in_place(vllm_engine, tiny_mode
     after = vllm_engine.score_tokens(requests_, ids)
     assert bool((after[:, 3] > before[:, 3] + 0.5).all())
     assert torch.allclose(after, hf.score_tokens(requests_, ids), atol=5e-2)
+
+
+def _every_layer_changed(path, out_dir, scale=0.05):
+    """The model at ``path`` with every parameter moved by seeded noise, saved
+    to ``out_dir`` with its processor; returns the (name, tensor) pairs."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1.0))
+    model.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(path).save_pretrained(out_dir)
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+
+@pytest.mark.gpu
+def test_vllm_prompt_seen_before_an_update_of_every_layer_scores_as_on_a_fresh_engine(tiny_models, requests_,
+                                                                                       tmp_path):
+    """Uses LLM(limit_mm_per_prompt={"image": 1, "video": 0}, weight_transfer_config=...,
+    enable_prefix_caching=True), LLM.generate (SamplingParams.logprob_token_ids,
+    logprobs), LLM.collective_rpc (the in-place load) and LLM.reset_prefix_cache."""
+    pytest.importorskip("vllm")
+    opts = dict(gpu_memory_utilization=0.25, max_model_len=2048, enforce_eager=True, dtype="float32",
+                enable_prefix_caching=True)
+    engine = make_engine("vllm", tiny_models["thinker"], **opts)
+    ids = digit_ids(engine.processor.tokenizer)
+    old = engine.score_tokens(requests_, ids)  # fills the prefix cache with these prompts
+    engine.score_tokens(requests_, ids)
+    weights = _every_layer_changed(tiny_models["thinker"], tmp_path / "new")
+    assert engine.update_weights(*pack_weights(weights)) >= len(weights) - 1
+    updated = engine.score_tokens(requests_, ids)
+    sampled = engine.generate(requests_, SamplingSettings(n=1, max_tokens=8, temperature=1e-6, seed=0))
+    engine.shutdown()
+    fresh = make_engine("vllm", str(tmp_path / "new"), **opts)
+    expected = fresh.score_tokens(requests_, ids)
+    assert not torch.allclose(old, expected, atol=1e-2)  # the update matters for these prompts
+    assert torch.allclose(updated, expected, atol=1e-3)
+    again = fresh.generate(requests_, SamplingSettings(n=1, max_tokens=8, temperature=1e-6, seed=0))
+    assert [g[0].token_ids for g in sampled] == [g[0].token_ids for g in again]
+
+
+@pytest.mark.gpu
+def test_vllm_receives_every_layer_over_nccl_from_a_trainer_on_another_gpu(tiny_models, requests_, tmp_path):
+    """The rollout path of GRPO-A on GPU: vLLM 0.33's trainer engine
+    (WeightTransferTrainerFactory.trainer_init with NCCLTrainerInitInfo, a
+    WeightSource, send_weights) drives the engine's collective_rpc calls
+    init_weight_transfer_engine / start_weight_update / update_weights /
+    finish_weight_update, then LLM.reset_prefix_cache."""
+    pytest.importorskip("vllm")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs the trainer and the engine on different GPUs")
+    from functools import cached_property
+
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+    from aesformer.weight_sync import rank_offsets
+
+    opts = dict(gpu_memory_utilization=0.25, max_model_len=2048, enforce_eager=True, dtype="float32")
+    engine = make_engine("vllm", tiny_models["thinker"], **opts)
+    ids = digit_ids(engine.processor.tokenizer)
+    engine.score_tokens(requests_, ids)
+    weights = _every_layer_changed(tiny_models["thinker"], tmp_path / "new")
+    torch.cuda.set_device(1)
+    on_gpu = [(n, t.to("cuda:1")) for n, t in weights]
+
+    class Source(WeightSource):
+        @cached_property
+        def metadata(self):
+            return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in on_gpu]
+
+        def iter_full(self):
+            yield from on_gpu
+
+    class Client:
+        def init_weight_transfer_engine(self, info):
+            engine.init_weight_transfer({**info, "rank_offset": rank_offsets([1])[0]})
+
+        def start_weight_update(self):
+            engine.start_weight_update()
+
+        def update_weights(self, info):
+            engine.receive_weights(info)
+
+        def finish_weight_update(self, weight_version=None):
+            engine.finish_weight_update()
+
+    from aesformer.actors.learner import _free_port
+
+    sender = WeightTransferTrainerFactory.trainer_init(
+        NCCLTrainerInitInfo(master_address="127.0.0.1", master_port=_free_port(), world_size=2, rank=0),
+        client=Client(), source=Source())
+    sender.send_weights()
+    updated = engine.score_tokens(requests_, ids)
+    sender.shutdown()
+    engine.shutdown()
+    fresh = make_engine("vllm", str(tmp_path / "new"), **opts)
+    assert torch.allclose(updated, fresh.score_tokens(requests_, ids), atol=1e-3)

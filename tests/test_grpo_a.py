@@ -120,22 +120,35 @@ def steps_of(output) -> list[dict]:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(ray_session, small_data, sft_policy,
-                                                                             tmp_path):
+                                                                             tmp_path, mode):
     from aesformer.jobs.grpo_a import run
 
     # 4 prompts x 5 samples a step, two optimizer steps; 48 tokens hold the
-    # first dimensions of a plan, so the reward is the alignment of those
+    # first dimensions of a plan, so the reward is the alignment of those.
+    # rollout.async: step k+1 samples from the weights before step k's update.
     cfg = config(tmp_path, small_data, sft_policy, steps=30, checkpoint_every=0, prompts_per_step=4, **{
-        "rollout.max_tokens": 48, "learner.lr": "6e-4", "tracking.enabled": "true"})
+        "rollout.max_tokens": 48, "learner.lr": "6e-4", "tracking.enabled": "true",
+        "rollout.async": str(mode == "async").lower()})
     result = run(cfg)
     steps = steps_of(cfg.output)
     assert [s["step"] for s in steps] == list(range(1, 31))
     first = sum(s["reward_mean"] for s in steps[:5]) / 5
     last = sum(s["reward_mean"] for s in steps[-5:]) / 5
+    # the same bar for both modes: one step off policy learns no worse
     assert last > first + 0.08, f"mean reward {first:.3f} (steps 1-5) -> {last:.3f} (steps 26-30)"
-    # the rollout engine always samples from the learner's current weights
-    assert max(s["logprob_mismatch"] for s in steps) < 1e-3
+    if mode == "sync":
+        # the rollout engine always samples from the learner's current weights
+        assert max(s["logprob_mismatch"] for s in steps) < 1e-3
+        assert all(s["weight_versions"] == [s["step"] - 1] * 20 for s in steps)
+    else:
+        # every sample after the first two steps comes from the weights one update back
+        assert all(s["weight_versions"] == [max(0, s["step"] - 2)] * 20 for s in steps)
+        assert steps[-1]["weight_staleness_max"] == 1
+    # weights travel over the collective, none through the object store; the photos once per step
+    assert all(s["weight_sync_object_store_bytes"] == 0 and s["weight_sync_bytes"] > 0 for s in steps)
+    assert all(0 < s["transfer_bytes"] <= 1.2 * s["prompt_image_bytes"] for s in steps)
     # every phase and statistic the job promises is logged to MLflow per step
     from mlflow.tracking import MlflowClient
 
@@ -147,7 +160,8 @@ def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(ra
     for key in ("reward_mean", "reward_std", "reward_format_mean", "reward_alignment_mean", "reward_creativity_mean",
                 "format_rate", "kl", "entropy", "response_length_mean", "advantage_mean", "advantage_std",
                 "clip_frac", "logprob_mismatch", "time/rollout", "time/reward", "time/reference", "time/update",
-                "time/sync", "time/step", "weight_sync_bytes"):
+                "time/sync", "time/sync_raw_copy", "time/step", "weight_sync_bytes", "transfer_bytes",
+                "weight_version_mean"):
         assert key in logged, key
     assert len(client.get_metric_history(run_id, "reward_mean")) == 30
     assert result["finished"] and result["last_step"] == 30
@@ -187,8 +201,11 @@ def test_a_killed_rollout_actor_is_replaced_and_the_run_completes(ray_session, s
     steps = steps_of(cfg.output)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert result["finished"] and result["restarts"] >= 1
-    # the replacement received the current weights before sampling again
+    # the replacement joined a new transfer group (its own at once, or every engine's at
+    # the next sync when the death showed there) and received the current weights
+    assert steps[-1]["weight_transfer_groups"] >= 2
     assert max(s["logprob_mismatch"] for s in steps) < 1e-3
+    assert all(s["weight_sync_object_store_bytes"] == 0 for s in steps)
 
 
 @pytest.mark.timeout(400)
@@ -215,6 +232,11 @@ def test_resume_auto_continues_with_the_next_step_prompts_and_saved_weights(ray_
     # the rollout engines were loaded with the checkpoint's weights too
     assert steps[2]["logprob_mismatch"] < 1e-3
     assert second["finished"] and second["last_step"] == 4
+
+
+def test_rollout_async_is_off_by_default_and_set_by_its_key(tmp_path):
+    assert not config(tmp_path, tmp_path, None).rollout.async_
+    assert config(tmp_path, tmp_path, None, **{"rollout.async": "true"}).rollout.async_
 
 
 def test_config_problems_are_named_before_any_work(tmp_path):

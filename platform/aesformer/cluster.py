@@ -110,3 +110,17 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def object_store_created_bytes() -> Optional[int]:
+    """Bytes ever created in the object store of the connected Ray cluster,
+    summed over its nodes (a counter: take differences), or None where this
+    Ray version does not report it."""
+    try:
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
+        return int(reply.store_stats.cumulative_created_bytes)
+    except Exception:
+        return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,10 +188,19 @@ def _parse_overrides(argv: Sequence[str]) -> dict:
     return out
 
 
+def _keyword_keys(data: Any) -> Any:
+    """A key that is a Python keyword (``rollout.async``) names the schema field
+    with a trailing underscore (``async_``), as a dataclass field cannot be
+    called ``async``."""
+    if not isinstance(data, dict):
+        return data
+    return {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): _keyword_keys(v) for k, v in data.items()}
+
+
 def load_config(schema: Type[T], job: str, argv: Sequence[str] = ()) -> T:
     """Resolve a job's config; see the module docstring for the merge order."""
     base = OmegaConf.structured(schema)
-    cli = _parse_overrides(argv)
+    cli = _keyword_keys(_parse_overrides(argv))
     _check_keys(cli, base, "command line")
     confs = conf_dir()
     layers: list[tuple[str, dict]] = []
@@ -208,6 +218,7 @@ def load_config(schema: Type[T], job: str, argv: Sequence[str] = ()) -> T:
     layers.append(("command line", cli))
     merged = base
     for source, data in layers:
+        data = _keyword_keys(data)
         _check_keys(data, base, source)
         try:
             merged = OmegaConf.merge(merged, data)

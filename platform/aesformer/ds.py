@@ -224,3 +224,47 @@ def global_grad_norm(engine: Any) -> Optional[float]:
         return float(norm)
     except (TypeError, ValueError):
         return None
+
+
+def layer_key(name: str) -> str:
+    """The layer a parameter belongs to: the name up to its ``layers.<i>``
+    index (``model.language_model.layers.3.mlp.up_proj.weight`` →
+    ``model.language_model.layers.3``), else everything but the last part."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] in ("layers", "blocks", "h") and parts[i + 1].isdigit():
+            return ".".join(parts[:i + 2])
+    return ".".join(parts[:-1])
+
+
+class GatheredSource:
+    """Full weights out of a (possibly ZeRO-3 partitioned) model, one layer at
+    a time: ``metadata`` lists (name, dtype, full shape) without gathering
+    anything; ``iter_full()`` gathers each layer's parameters on every rank
+    (a collective: call it on every rank, in step) and yields (name, full
+    tensor) while that layer is gathered, then releases it. Peak extra memory
+    is one layer, never the whole model."""
+
+    def __init__(self, named_parameters: Iterable[tuple[str, Any]]):
+        self.params = list(named_parameters)
+
+    @property
+    def metadata(self) -> list[tuple[str, Any, tuple[int, ...]]]:
+        return [(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.params]
+
+    def layers(self) -> list[list[tuple[str, Any]]]:
+        groups: list[list[tuple[str, Any]]] = []
+        last = None
+        for name, p in self.params:
+            key = layer_key(name)
+            if key != last:
+                groups.append([])
+                last = key
+            groups[-1].append((name, p))
+        return groups
+
+    def iter_full(self) -> Iterator[tuple[str, Any]]:
+        for group in self.layers():
+            with gathered([p for _, p in group]):
+                for name, p in group:
+                    yield name, p.data

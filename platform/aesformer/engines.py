@@ -10,8 +10,17 @@ answer the same three calls:
 - ``score_tokens(requests, token_ids) -> Tensor [B, K]``: log-probs of the
   given candidate tokens at the first generated position (a judge's reading
   of the digits "0".."5", or of "yes"/"no");
-- ``update_weights(meta, buffer)``: load new weights in place (rollout
-  engines in RL), from the wire format of :func:`pack_weights`.
+- ``update_weights(meta, buffer)``: load new weights in place from the
+  wire format of :func:`pack_weights` (tests, one-off loads).
+
+Rollout engines in RL receive new weights over a collective instead
+(``aesformer.weight_sync``), in vLLM's four steps:
+``init_weight_transfer(init_info)`` joins the transfer group,
+``start_weight_update()``, ``receive_weights(update_info)`` and
+``finish_weight_update()``. After every update an engine drops whatever it
+cached under the old weights: vLLM's prefix cache is reset
+(``LLM.reset_prefix_cache``); the transformers engine keeps no cache between
+calls.
 
 A request is a dict: ``{"images": [PIL.Image, ...], "text": str}`` (one user
 turn: the images, then the text), or ``{"messages": [...]}`` in the chat
@@ -345,6 +354,8 @@ class HFEngine:
         self.device = torch.device(device)
         self.max_pixels = max_pixels
         self.batch_size = max(1, int(batch_size))
+        self._params: Optional[dict] = None
+        self._receiver = None
         if processor is None:
             processor = AutoProcessor.from_pretrained(self.model_path)
         if model is None:
@@ -437,14 +448,19 @@ class HFEngine:
     def update_weights(self, meta: Sequence[Mapping[str, Any]], buffer: Union[bytes, memoryview]) -> int:
         """Load packed weights (names as in the HF checkpoint) in place;
         returns how many tensors were loaded. Unknown names are an error."""
+        return self.load_weights(unpack_weights(meta, buffer))
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> int:
+        """Copy ``(name, tensor)`` pairs into the model's parameters in place."""
         import torch
 
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
+        if self._params is None:
+            self._params = dict(self.model.named_parameters())
+            self._params.update(dict(self.model.named_buffers()))
         loaded = 0
         with torch.no_grad():
-            for name, tensor in unpack_weights(meta, buffer):
-                target = params.get(name)
+            for name, tensor in weights:
+                target = self._params.get(name)
                 if target is None:
                     raise KeyError(f"update_weights: the model has no parameter '{name}'")
                 if tuple(target.shape) != tuple(tensor.shape):
@@ -453,10 +469,34 @@ class HFEngine:
                 loaded += 1
         return loaded
 
+    # weight transfer over a gloo group (aesformer.weight_sync); no cache to drop afterwards
+    def init_weight_transfer(self, init_info: dict) -> None:
+        from aesformer.weight_sync import GlooReceiver
+
+        if self._receiver is None:
+            self._receiver = GlooReceiver(self.load_weights)
+        self._receiver.init_transfer_engine(init_info)
+
+    def start_weight_update(self) -> None:
+        self._require_receiver().start_weight_update()
+
+    def receive_weights(self, update_info: dict) -> int:
+        return self._require_receiver().update_weights(update_info)
+
+    def finish_weight_update(self) -> None:
+        self._require_receiver().finish_weight_update()
+
+    def _require_receiver(self):
+        if self._receiver is None:
+            raise RuntimeError("weight transfer not initialised: call init_weight_transfer first")
+        return self._receiver
+
     def tokenizer(self):
         return self.processor.tokenizer
 
     def shutdown(self) -> None:
+        if self._receiver is not None:
+            self._receiver.shutdown()
         self.model = None
 
 
@@ -466,14 +506,24 @@ class HFEngine:
 # tests/test_engines.py checks each one against the installed vLLM.
 VLLM_API: dict[str, dict[str, list[str]]] = {
     "vllm": {
-        "LLM": ["generate", "collective_rpc", "get_tokenizer"],
+        "LLM": ["generate", "collective_rpc", "get_tokenizer", "reset_prefix_cache"],
         "SamplingParams": ["n", "temperature", "top_p", "max_tokens", "seed", "logprobs", "logprob_token_ids",
                            "detokenize", "skip_special_tokens", "logit_bias"],
         "EngineArgs": ["model", "tensor_parallel_size", "dtype", "gpu_memory_utilization", "max_model_len",
                        "limit_mm_per_prompt", "worker_extension_cls", "logprobs_mode",
                        "max_logprobs", "seed", "enable_prefix_caching", "enforce_eager", "generation_config",
-                       "distributed_executor_backend"],
+                       "distributed_executor_backend", "weight_transfer_config"],
     },
+    "vllm.config": {"WeightTransferConfig": ["backend"]},
+    # the worker methods reached through LLM.collective_rpc, and the trainer side
+    "vllm.v1.worker.gpu_worker": {"Worker": ["init_weight_transfer_engine", "start_weight_update", "update_weights",
+                                             "finish_weight_update"]},
+    "vllm.distributed.weight_transfer.base": {"WeightSource": ["metadata", "iter_full"],
+                                              "ParamMeta": ["name", "dtype", "shape"]},
+    "vllm.distributed.weight_transfer.factory": {"WeightTransferTrainerFactory": ["trainer_init"]},
+    "vllm.distributed.weight_transfer.nccl_engine": {
+        "NCCLTrainerInitInfo": ["master_address", "master_port", "world_size", "rank", "packed"],
+        "NCCLTrainerWeightTransferEngine": ["send_weights", "shutdown"]},
     "vllm.outputs": {
         "RequestOutput": ["outputs"],
         "CompletionOutput": ["token_ids", "logprobs", "text", "finish_reason"],
@@ -524,8 +574,11 @@ class VLLMEngine:
         self.llm = LLM(
             model=self.model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            # images arrive already downscaled to max_pixels (prepare_image), as on every engine
-            limit_mm_per_prompt={"image": max_images},
+            # images arrive already downscaled to max_pixels (prepare_image), as on every engine;
+            # no prompt holds a video, so no memory is reserved for one
+            limit_mm_per_prompt={"image": max_images, "video": 0},
+            # new weights arrive over NCCL from the learner (aesformer.weight_sync's protocol)
+            weight_transfer_config={"backend": "nccl"},
             worker_extension_cls=f"{__name__}.VLLMWorkerExtension",
             # log-probs after temperature (see the module docstring)
             logprobs_mode="processed_logprobs", max_logprobs=32, seed=seed,
@@ -585,7 +638,24 @@ class VLLMEngine:
 
     def update_weights(self, meta: Sequence[Mapping[str, Any]], buffer: Union[bytes, memoryview]) -> int:
         counts = self.llm.collective_rpc("aesformer_load_weights", args=(list(meta), bytes(buffer)))
+        self.llm.reset_prefix_cache()
         return int(counts[0]) if counts else 0
+
+    # weight transfer: vLLM's NCCL engine in each worker, driven through collective_rpc
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": dict(init_info)})
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def receive_weights(self, update_info: dict) -> int:
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": dict(update_info)})
+        return len(update_info.get("names") or [])
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        # cached prefixes hold KV computed with the old weights
+        self.llm.reset_prefix_cache()
 
     def tokenizer(self):
         return self.llm.get_tokenizer()

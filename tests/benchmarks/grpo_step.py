@@ -10,6 +10,13 @@ overhead is 15% of the step. Because reward scoring and reference log-probs
 overlap the rollout, it also prints the part of the step that no phase
 covers (``uncovered``: driver work between the phases).
 
+It then runs the same steps once more with ``rollout.async=true`` and adds
+``transfer``: weight sync time over a raw in-process copy of the same tensors
+(goal <= 1.2), object-store bytes of the weights per sync (goal 0), bytes the
+steps put in the object store over the capped photos' bytes (goal <= 1.2),
+and steps per hour with ``rollout.async=true`` over synchronous on the same
+pools (goal >= 1.3).
+
     python tests/benchmarks/grpo_step.py [steps=6] [key=value ...]   # extra keys go to the job config
 """
 from __future__ import annotations
@@ -84,9 +91,10 @@ def main(argv: list[str]) -> dict:
                  runtime_env={"env_vars": worker_env()}, log_to_driver=False)
         try:
             run(cfg)
+            records = [json.loads(line) for line in (Path(cfg.output) / "steps.jsonl").read_text().splitlines()]
+            transfer = transfer_and_async(cfg, records, ["profile=tiny"] + args, tmp)
         finally:
             ray.shutdown()
-        records = [json.loads(line) for line in (Path(cfg.output) / "steps.jsonl").read_text().splitlines()]
     measured = records[1:] if len(records) > 1 else records  # the first step warms the caches up
     med = lambda key: statistics.median(r.get(key, 0.0) for r in measured)  # noqa: E731
     step = med("time/step")
@@ -110,9 +118,47 @@ def main(argv: list[str]) -> dict:
         "uncovered_s": round(uncovered, 4),
         "uncovered_fraction": round(uncovered / step, 4) if step else None,
         "ok": bool(step and overhead / step <= BUDGET),
+        "transfer": transfer,
     }
     print(json.dumps(out))
     return out
+
+
+# ---- weight transfer, prompt images and one-step-off-policy rollout --------------------------
+
+def transfer_and_async(cfg, records: list[dict], args: list[str], tmp: Path) -> dict:
+    """Ratios from the synchronous run's steps, then the same run with
+    rollout.async=true on the same pools for steps per hour."""
+    from aesformer.config import load_config
+    from aesformer.jobs.grpo_a import GrpoAConfig, run
+
+    measured = records[1:] if len(records) > 1 else records
+    med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
+    sync_s, raw_s = med(measured, "time/sync"), med(measured, "time/sync_raw_copy")
+    store = [r["weight_sync_object_store_bytes"] for r in measured]
+    moved = [r["transfer_bytes"] / r["prompt_image_bytes"] for r in measured
+             if r.get("transfer_bytes") is not None and r["prompt_image_bytes"]]
+    acfg = load_config(GrpoAConfig, "grpo_a", args + [f"output={tmp / 'run-async'}", "rollout.async=true"])
+    Path(acfg.output).mkdir(parents=True)
+    run(acfg)
+    arecords = [json.loads(line) for line in (Path(acfg.output) / "steps.jsonl").read_text().splitlines()]
+    ameasured = arecords[1:] if len(arecords) > 1 else arecords
+    sync_step, async_step = med(measured, "time/step"), med(ameasured, "time/step")
+    return {
+        "pools": {"rollout": cfg.rollout.actors, "reward": cfg.reward.actors, "reference": cfg.reference.actors,
+                  "learner_workers": cfg.learner.workers, "ray_cpus": 8, "machine_cores": os.cpu_count()},
+        "weight_sync_s": round(sync_s, 4), "raw_copy_s": round(raw_s, 5),
+        "sync_over_raw_copy": round(sync_s / raw_s, 2) if raw_s else None, "sync_over_raw_copy_goal": 1.2,
+        "weight_sync_bytes": int(med(measured, "weight_sync_bytes")),
+        "weight_object_store_bytes_per_sync": max(store) if None not in store else None,
+        "transfer_over_capped_images": round(max(moved), 3) if moved else None, "transfer_goal": 1.2,
+        "sync_step_s": round(sync_step, 3), "async_step_s": round(async_step, 3),
+        "async_over_sync_steps_per_hour": round(sync_step / async_step, 3), "async_goal": 1.3,
+        "async_weight_staleness_max": max(r["weight_staleness_max"] for r in arecords),
+    }
+
+
+# ---- end of weight transfer, prompt images and one-step-off-policy rollout -------------------
 
 
 if __name__ == "__main__":
