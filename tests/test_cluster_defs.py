@@ -136,15 +136,15 @@ def test_each_rayjob_runs_an_existing_job_with_keys_it_accepts_on_the_gpus_its_p
 def test_the_raycluster_fits_the_largest_plan_when_scaled_out():
     spec = cluster_spec(load(KUBERAY / "raycluster.yaml"))
     largest = max(gpu_plan(job, job_config(job, ["profile=a40"])) for job in JOBS)
-    assert gpus_of(spec, at_least=False) >= largest == 17
+    assert gpus_of(spec, at_least=False) >= largest == 16
 
 
 def test_grpo_a_gpu_plan_counts_every_pool():
     cfg = job_config("grpo_a", ["profile=a40"])
-    # 4 rollout + 2 judges x 2 + 1 reference + 8 learner
-    assert gpu_plan("grpo_a", cfg) == 17
+    # 3 rollout + 2 judges x 2 + 1 reference + 8 learner
+    assert gpu_plan("grpo_a", cfg) == 16
     cfg = job_config("grpo_a", ["profile=a40", "reward.alignment=rule", "reward.weights=[0.5,0.5,0]"])
-    assert gpu_plan("grpo_a", cfg) == 13  # no judge needed
+    assert gpu_plan("grpo_a", cfg) == 12  # no judge needed
 
 
 def test_the_launcher_config_describes_on_premise_a40_nodes_and_passes_rays_schema():
