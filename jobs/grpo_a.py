@@ -104,7 +104,9 @@ class LearnerConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     micro_batch: int = 4  # sequences per forward pass per worker
-    clip_ratio: float = 0.2
+    clip_ratio_low: float = 0.2  # the ratio is clipped to [1 - low, 1 + high]
+    clip_ratio_high: float = 0.3
+    dual_clip: Optional[float] = 3.0  # negative-advantage tokens' loss capped at dual_clip * |A|; null: off
     kl_coef: float = 1e-2
     kl_estimator: str = "low_var_kl"  # k3
     loss_agg: str = "token-mean"
@@ -157,6 +159,12 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError(f"learner.loss_agg must be one of {', '.join(AGG_MODES)}")
     if cfg.learner.kl_estimator not in KL_KINDS:
         raise ConfigError(f"learner.kl_estimator must be one of {', '.join(KL_KINDS)}")
+    ln = cfg.learner
+    if not 0.0 <= ln.clip_ratio_low < 1.0 or ln.clip_ratio_high < 0.0:
+        raise ConfigError(f"learner.clip_ratio_low must be in [0, 1) and learner.clip_ratio_high >= 0, got "
+                          f"{ln.clip_ratio_low} and {ln.clip_ratio_high}")
+    if ln.dual_clip and ln.dual_clip <= 1.0:
+        raise ConfigError(f"learner.dual_clip must be greater than 1 (or null to turn it off), got {ln.dual_clip}")
     if cfg.rollout.n < 2:
         raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
     if cfg.resume not in ("never", "auto") and not Path(cfg.resume).expanduser().is_dir():
@@ -372,7 +380,8 @@ class Trainer:
         per_rank = math.ceil(update_seqs / ln.workers)
         settings = dict(zero_stage=ln.zero_stage, bf16=ln.bf16, lr=ln.lr, weight_decay=ln.weight_decay,
                         grad_clip=ln.grad_clip, micro_batch=ln.micro_batch,
-                        grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio=ln.clip_ratio,
+                        grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio_low=ln.clip_ratio_low,
+                        clip_ratio_high=ln.clip_ratio_high, dual_clip=ln.dual_clip,
                         kl_coef=ln.kl_coef, kl_estimator=ln.kl_estimator, loss_agg=ln.loss_agg,
                         freeze_vision=ln.freeze_vision, gradient_checkpointing=ln.gradient_checkpointing,
                         temperature=ro.temperature, max_pixels=ro.max_pixels)
@@ -489,7 +498,8 @@ class Trainer:
         return {"logprob_mismatch": total["mismatch"] / tokens,
                 "logprob_mismatch_max": max(p["mismatch_max"] for p in parts),
                 "entropy": total["entropy"] / tokens, "kl": total["kl"] / tokens,
-                "clip_frac": total["clip"] / tokens, "pg_loss": total["pg_loss"], "loss": total["loss"],
+                "clip_frac": total["clip"] / tokens,
+                "dual_clip_frac": total["dual_clip"] / tokens, "pg_loss": total["pg_loss"], "loss": total["loss"],
                 "grad_norm": parts[0]["grad_norm"], "updates": len(minibatches),
                 "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
                 "advantage_abs_mean": float(adv.abs().mean())}
