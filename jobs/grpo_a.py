@@ -14,8 +14,9 @@ first finished groups of a step rather than waiting for the whole batch.
 Every step logs to MLflow each reward component, format rate, KL, entropy,
 response length, advantage statistics, clip fraction, the log-prob mismatch
 between the rollout engines and the learner (a broken weight sync shows
-there) and the time of each phase. Validation every ``val_every`` steps on
-held-out pairs (temperature 0.6, top-p 0.95, n=1); checkpoints every
+there) and the time of each phase. Validation before the first step and
+every ``val_every`` steps on the held-out pairs, all of them unless
+``val_prompts`` caps it (temperature 0.6, top-p 0.95, n=1); checkpoints every
 ``checkpoint_every`` steps (learner weights and optimizer, data position, RNG
 state, step), ``resume=auto`` continues from the newest. A rollout, reward or
 reference actor that dies is replaced and its work retried.
@@ -64,7 +65,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_tokens: int = 1024  # max response
     max_prompt_tokens: int = 2048
-    max_pixels: int = 1048576
+    min_pixels: Optional[int] = 262144  # the photo is scaled into [min_pixels, max_pixels] (the released range)
+    max_pixels: int = 4194304
     chunk_prompts: int = 8  # prompts per generate call; scoring starts as each chunk finishes
 
 
@@ -72,6 +74,10 @@ class RolloutConfig:
 class RewardConfig:
     weights: list = field(default_factory=lambda: [0.1, 0.5, 0.4])  # λf, λa, λc
     alignment: str = "judge"  # judge | rule (rule_alignment instead of the judge's Ra)
+    prompts: str = "default"  # the judge's prompts: a name in conf/prompts/ or a YAML file
+    judge_text: str = "plain"  # plain: plans without their tags (as released) | tagged: as written
+    image_max_side: Optional[int] = 512  # the photo's longer side for Rc (null: as the rollout saw it)
+    format: str = "strict"  # Rf: strict (each dimension in its own tags) | headers (the seven headers in order)
     engine: str = "auto"
     actors: int = 2
     gpus_per_actor: float = 2.0
@@ -79,7 +85,7 @@ class RewardConfig:
     tensor_parallel: int = 2
     dtype: str = "bfloat16"
     gpu_memory_utilization: float = 0.85
-    max_model_len: int = 8192
+    max_model_len: int = 4096
     max_pixels: int = 1048576
     chunk_plans: int = 64  # plans per scoring call
 
@@ -127,8 +133,8 @@ class GrpoAConfig(JobConfig):
     prompts_per_step: int = 512  # rollout batch
     prompts_per_update: int = 128  # update batch (an optimizer step each)
     sync_every: int = 1  # push weights to the rollout engines every k steps (0: never; debugging only)
-    val_every: int = 5
-    val_prompts: int = 64
+    val_every: int = 4  # validate before the first step and every k steps (0: never)
+    val_prompts: Optional[int] = None  # validation pairs; None: the whole test split
     val_temperature: float = 0.6
     val_top_p: float = 0.95
     checkpoint_every: int = 5
@@ -145,6 +151,7 @@ class GrpoAConfig(JobConfig):
 def check_config(cfg: GrpoAConfig) -> None:
     from aesformer.actors.reward import ALIGNMENT_MODES
     from aesformer.grpo import AGG_MODES, KL_KINDS
+    from aesformer.rewards import FORMAT_MODES, JUDGE_TEXT_MODES, load_prompts
 
     if cfg.prompts_per_step < 1 or cfg.prompts_per_update < 1:
         raise ConfigError("prompts_per_step and prompts_per_update must be at least 1")
@@ -155,6 +162,14 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError(f"reward.weights needs three numbers (format, alignment, creativity), got {cfg.reward.weights}")
     if cfg.reward.alignment not in ALIGNMENT_MODES:
         raise ConfigError(f"reward.alignment must be one of {', '.join(ALIGNMENT_MODES)}, got '{cfg.reward.alignment}'")
+    if cfg.reward.judge_text not in JUDGE_TEXT_MODES:
+        raise ConfigError(f"reward.judge_text must be one of {', '.join(JUDGE_TEXT_MODES)}, got '{cfg.reward.judge_text}'")
+    if cfg.reward.format not in FORMAT_MODES:
+        raise ConfigError(f"reward.format must be one of {', '.join(FORMAT_MODES)}, got '{cfg.reward.format}'")
+    try:
+        load_prompts(cfg.reward.prompts)
+    except ValueError as e:
+        raise ConfigError(f"reward.prompts: {e}") from e
     if cfg.learner.loss_agg not in AGG_MODES:
         raise ConfigError(f"learner.loss_agg must be one of {', '.join(AGG_MODES)}")
     if cfg.learner.kl_estimator not in KL_KINDS:
@@ -207,14 +222,17 @@ def build_default_data(folder: Path, seed: int, per_photo: int = 2, side: int = 
 
 class Prompts:
     """The prompts of one split: ids in a seeded order per epoch, images read
-    from Parquet only for the ids a step takes. Rows without a usable plan
-    or photo are quarantined with the reason."""
+    from Parquet only for the ids a step takes and scaled into ``pixels``
+    (min, max). Rows without a usable plan or photo are quarantined with the
+    reason."""
 
-    def __init__(self, folder: Path, split: str, seed: int, instruction: str, quarantine: Path):
+    def __init__(self, folder: Path, split: str, seed: int, instruction: str, quarantine: Path,
+                 pixels: tuple = (None, None)):
         from aesformer.data import read_table
 
         table = read_table(folder, columns=["id", "plan"], split=split)
         self.folder, self.seed, self.instruction, self.quarantine = folder, seed, instruction, quarantine
+        self.pixels = pixels
         self.plans: dict[str, str] = {}
         for rid, plan in zip(table.column("id").to_pylist(), table.column("plan").to_pylist()):
             if plan:
@@ -249,6 +267,7 @@ class Prompts:
         import pyarrow.dataset as pads
 
         from aesformer.data import PairError, decode_image, finished_shards
+        from aesformer.sft import fit_pixels
 
         dataset = pads.dataset([str(p) for p in finished_shards(self.folder)], format="parquet")
         table = dataset.to_table(columns=["id", "poor_image"], filter=pc.field("id").isin(list(set(ids))))
@@ -256,7 +275,7 @@ class Prompts:
         out = []
         for rid in ids:
             try:
-                photo = decode_image(images.get(rid), row=rid, field="poor_image")
+                photo = fit_pixels(decode_image(images.get(rid), row=rid, field="poor_image"), *self.pixels)
             except PairError as e:
                 self._quarantine(rid, e.reason)
                 continue
@@ -346,6 +365,7 @@ class Trainer:
         from aesformer.actors.reference import ReferenceWorker
         from aesformer.actors.reward import RewardWorker, needs_judge
         from aesformer.actors.rollout import RolloutWorker
+        from aesformer.rewards import load_prompts
 
         cfg = self.cfg
         ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
@@ -362,10 +382,12 @@ class Trainer:
         reward_opts = dict(dtype=rw.dtype, max_pixels=rw.max_pixels, tensor_parallel_size=rw.tensor_parallel,
                            gpu_memory_utilization=rw.gpu_memory_utilization, max_model_len=rw.max_model_len,
                            seed=cfg.seed)
+        judging = dict(prompts=load_prompts(rw.prompts).to_dict(), judge_text=rw.judge_text,
+                       image_max_side=rw.image_max_side, format=rw.format)
         reward_bundle = {"CPU": rw.cpus_per_actor, "GPU": rw.gpus_per_actor if judge_needed else 0}
         self.reward = ActorPool(f"{self.tag}-reward", RewardWorker, rw.actors, reward_bundle,
                                 lambda i: (rw.engine, judge if judge_needed else None, reward_opts,
-                                           list(rw.weights), rw.alignment))
+                                           list(rw.weights), rw.alignment, judging))
         self.pools.append(self.reward)
         self.use_reference = ln.kl_coef != 0
         self.reference = None
@@ -518,6 +540,28 @@ def reward_metrics(samples: list[dict], prefix: str = "") -> dict:
     return out
 
 
+def validate(trainer: Trainer, val: Prompts, cfg: GrpoAConfig) -> dict:
+    """Rewards of one plan per validation pair (the first ``val_prompts`` of
+    the split, or all), sampled at the validation temperature and top-p, in
+    batches of ``prompts_per_step`` pairs so only one batch of photos is held
+    at a time. Returns ``val/*`` metrics and ``time/validate``."""
+    t = time.perf_counter()
+    ids = val.ids if cfg.val_prompts is None else val.ids[:cfg.val_prompts]
+    sampling = {"n": 1, "temperature": cfg.val_temperature, "top_p": cfg.val_top_p,
+                "max_tokens": cfg.rollout.max_tokens, "seed": cfg.seed}
+    keep = ("rf", "ra", "rc", "reward", "response_ids", "finish_reason")
+    scored: list[dict] = []
+    for i in range(0, len(ids), cfg.prompts_per_step):
+        prompts = val.load(ids[i:i + cfg.prompts_per_step])
+        if prompts:
+            samples, _ = trainer.sample_and_score(prompts, sampling, with_reference=False)
+            scored.extend({k: s[k] for k in keep} for s in samples)
+    metrics = reward_metrics(scored, "val/")
+    metrics["val/pairs"] = len(scored)
+    metrics["time/validate"] = time.perf_counter() - t
+    return metrics
+
+
 def run(cfg: GrpoAConfig) -> dict:
     """Trains; returns the output folder, the final model, the last step's
     metrics, the checkpoint folder and the actor restarts."""
@@ -540,10 +584,11 @@ def run(cfg: GrpoAConfig) -> dict:
         if not data.is_dir():
             raise ConfigError(f"data='{cfg.data}' is not a folder")
     instruction = thinker_instruction(cfg.instruction)
-    train = Prompts(data, "train", cfg.seed, instruction, out / "quarantine.jsonl")
+    pixels = (cfg.rollout.min_pixels, cfg.rollout.max_pixels)
+    train = Prompts(data, "train", cfg.seed, instruction, out / "quarantine.jsonl", pixels)
     if not len(train):
         raise ConfigError(f"data='{data}' has no train pairs with a plan")
-    val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl")
+    val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl", pixels)
     policy = prepare_policy(resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir,
                                           "init" if cfg.init else "models.thinker"), out / "init_policy")
     judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
@@ -589,6 +634,13 @@ def run(cfg: GrpoAConfig) -> dict:
             log.info("resumed from %s: step %d, data position %d", resume_dir, start_step, position)
         sampling = {"n": cfg.rollout.n, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                     "max_tokens": cfg.rollout.max_tokens}
+        if cfg.val_every and start_step == 1 and len(val):
+            # before training, as the released training: the SFT policy's rewards are the baseline
+            before = validate(trainer, val, cfg)
+            tracker.log_metrics(before, step=0)
+            result["validation_before"] = before
+            log.info("validation before training: reward %.3f format %.2f on %d pairs", before["val/reward_mean"],
+                     before["val/format_rate"], before["val/pairs"])
         last: dict = {}
         run_steps, last_step = 0, start_step - 1
         t_run = time.perf_counter()
@@ -617,13 +669,7 @@ def run(cfg: GrpoAConfig) -> dict:
             metrics.update({"weight_sync_bytes": sync["bytes"], "epoch": position / max(1, len(train)),
                             "restarts": sum(p.restarts for p in trainer.pools)})
             if cfg.val_every and step % cfg.val_every == 0 and len(val):
-                t = time.perf_counter()
-                vprompts = val.load(val.ids[:cfg.val_prompts])
-                vs, _ = trainer.sample_and_score(vprompts, {"n": 1, "temperature": cfg.val_temperature,
-                                                            "top_p": cfg.val_top_p, "max_tokens": cfg.rollout.max_tokens,
-                                                            "seed": cfg.seed}, with_reference=False)
-                metrics.update(reward_metrics(vs, "val/"))
-                metrics["time/validate"] = time.perf_counter() - t
+                metrics.update(validate(trainer, val, cfg))
             tracker.log_metrics(metrics, step=step)
             best = max(samples, key=lambda x: x["reward"])
             record = {"step": step, "prompt_ids": ids, **metrics, "best_sample": best["text"][:2000]}
