@@ -224,6 +224,11 @@ def test_config_problems_are_named_before_any_work(tmp_path):
                                ({"reward.weights": "[1,1]"}, "three numbers"),
                                ({"reward.alignment": "vibes"}, "reward.alignment"),
                                ({"rollout.n": 1}, "rollout.n"),
+                               ({"reward.judge_text": "html"}, "reward.judge_text"),
+                               ({"reward.format": "loose"}, "reward.format"),
+                               ({"reward.prompts": "no-such-prompts"}, "reward.prompts"),
+                               ({"learner.dual_clip": 0.5}, "learner.dual_clip"),
+                               ({"learner.clip_ratio_low": 1.5}, "learner.clip_ratio_low"),
                                ({"resume": str(tmp_path / "nope")}, "resume")]:
         with pytest.raises(ConfigError, match=message):
             check_config(config(tmp_path, tmp_path, None, **overrides))
