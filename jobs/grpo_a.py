@@ -115,7 +115,7 @@ class LearnerConfig:
     micro_batch: int = 4  # sequences per forward pass per worker
     clip_ratio_low: float = 0.2  # the ratio is clipped to [1 - low, 1 + high]
     clip_ratio_high: float = 0.3
-    dual_clip: Optional[float] = 3.0  # negative-advantage tokens' loss capped at dual_clip * |A|; null: off
+    dual_clip: Optional[float] = 3.0  # negative-advantage tokens' loss capped at dual_clip * |A|; 0: off
     kl_coef: float = 1e-2
     kl_estimator: str = "low_var_kl"  # k3
     loss_agg: str = "token-mean"
@@ -181,7 +181,7 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError(f"learner.clip_ratio_low must be in [0, 1) and learner.clip_ratio_high >= 0, got "
                           f"{ln.clip_ratio_low} and {ln.clip_ratio_high}")
     if ln.dual_clip and ln.dual_clip <= 1.0:
-        raise ConfigError(f"learner.dual_clip must be greater than 1 (or null to turn it off), got {ln.dual_clip}")
+        raise ConfigError(f"learner.dual_clip must be greater than 1 (or 0 to turn it off), got {ln.dual_clip}")
     if cfg.rollout.n < 2:
         raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
     checkpoints.check_resume(cfg.resume)

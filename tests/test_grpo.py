@@ -123,9 +123,10 @@ def test_policy_loss_clip_branches_hand_computed(ratio, advantage, loss, grad, c
 
 def test_policy_loss_without_dual_clip_keeps_the_large_negative_term():
     # A = -1, ratio 4: max(4.0, 1.3) = 4.0, and its gradient -A·ρ = 4.0
-    loss, grad, m = _per_token_loss(4.0, -1.0, dual_clip=None)
-    assert loss == pytest.approx(4.0, abs=1e-5) and grad == pytest.approx(4.0, abs=1e-5)
-    assert m["dual_clip_frac"] == 0.0
+    for off in (None, 0):
+        loss, grad, m = _per_token_loss(4.0, -1.0, dual_clip=off)
+        assert loss == pytest.approx(4.0, abs=1e-5) and grad == pytest.approx(4.0, abs=1e-5)
+        assert m["dual_clip_frac"] == 0.0
 
 
 def test_policy_loss_symmetric_clip_when_high_is_none():

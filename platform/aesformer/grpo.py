@@ -103,7 +103,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     - clipped = max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), ε_high =
       ``clip_ratio_high`` (None: ``clip_ratio_low``);
-    - for A < 0 and ``dual_clip`` = c (None or 0: off), the loss is further
+    - for A < 0 and ``dual_clip`` = c (0 or None: off), the loss is further
       capped at −A·c = c·|A|: a token whose ratio grew far past the range
       while its advantage is negative stops pushing (dual-clip PPO).
 
@@ -120,7 +120,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if not 0.0 <= clip_ratio_low < 1.0 or high < 0.0:
         raise ValueError(f"clip ratios must satisfy 0 <= low < 1 and high >= 0, got low={clip_ratio_low}, high={high}")
     if dual_clip and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be greater than 1 (or 0/None to turn it off), got {dual_clip}")
+        raise ValueError(f"dual_clip must be greater than 1 (or 0 to turn it off), got {dual_clip}")
     adv = _per_token(torch.as_tensor(advantages, device=logp.device), logp)
     log_ratio = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
     ratio = torch.exp(log_ratio)
