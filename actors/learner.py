@@ -159,8 +159,8 @@ class LearnerWorker:
         from aesformer.grpo import aggregate, kl_penalty, policy_loss
 
         s = self.s
-        sums = dict(tokens=0.0, mismatch=0.0, mismatch_max=0.0, entropy=0.0, kl=0.0, clip=0.0, pg_loss=0.0,
-                    loss=0.0, samples=0.0)
+        sums = dict(tokens=0.0, mismatch=0.0, mismatch_max=0.0, entropy=0.0, kl=0.0, clip=0.0, dual_clip=0.0,
+                    pg_loss=0.0, loss=0.0, samples=0.0)
         # Log-probs of the policy before this step's updates: the "old" policy
         # of the ratio and the learner's side of the sync check. With one
         # mini-batch they come free from its own forward pass.
@@ -195,7 +195,9 @@ class LearnerWorker:
                 else:  # seq-mean-token-mean: weight this micro-batch by its share of the sequences
                     norm = {}
                     share = len(chunk) * weight / max(1.0, float(totals[u]["sequences"]))
-                pg, m = policy_loss(logp, old_logp, adv, mask, clip_ratio=s["clip_ratio"], mode=s["loss_agg"], **norm)
+                pg, m = policy_loss(logp, old_logp, adv, mask, clip_ratio_low=s["clip_ratio_low"],
+                                    clip_ratio_high=s["clip_ratio_high"], dual_clip=s["dual_clip"], mode=s["loss_agg"],
+                                    **norm)
                 kl_tok = kl_penalty(logp, ref, s["kl_estimator"])
                 kl = aggregate(kl_tok, mask, s["loss_agg"], **norm)
                 loss = (pg + s["kl_coef"] * kl) * share
@@ -215,6 +217,7 @@ class LearnerWorker:
                     sums["entropy"] += float((entropy * mask).sum())
                     sums["kl"] += float((kl_tok * mask).sum())
                     sums["clip"] += m["clip_frac"] * n
+                    sums["dual_clip"] += m["dual_clip_frac"] * n
                     sums["pg_loss"] += float(pg) * share
                     sums["loss"] += float(loss)
             norm_value = self.engine.get_global_grad_norm()

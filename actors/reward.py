@@ -1,11 +1,14 @@
 """Reward pool: the judge VLM scoring GRPO-A rollouts.
 
-For each plan: Rf from the plan's format (``aesformer.actions.format_reward``),
-Ra (alignment with the reference plan, text only) and Rc (creativity: the
-photo and the plan) as the judge's expected score over the six score tokens
-at the first generated position (``aesformer.rewards.expected_score``), read
-through the engine's ``score_tokens`` — vLLM with ``max_tokens=1`` and the
-log-probs of exactly those ids, transformers from one batched forward pass.
+For each plan: Rf from the plan's format (``aesformer.rewards.format_score``,
+strict or as released), Ra (alignment with the reference plan, text only) and
+Rc (creativity: the photo and the plan) as the judge's expected score over the
+six score tokens at the first generated position
+(``aesformer.rewards.expected_score``), read through the engine's
+``score_tokens`` — vLLM with ``max_tokens=1`` and the log-probs of exactly
+those ids, transformers from one batched forward pass. The prompts, the plan
+text the judge reads and the photo's size come from ``judging`` (see
+:func:`aesformer.rewards.alignment_request` and ``creativity_request``).
 ``alignment="rule"`` replaces the judge's Ra by ``rule_alignment``. The judge
 is loaded only when some weighted component needs it.
 """
@@ -22,9 +25,19 @@ from aesformer.rewards import ALIGNMENT_MODES, needs_judge
 @ray.remote
 class RewardWorker:
     def __init__(self, engine_kind: str, judge_path: Optional[str], options: Optional[dict],
-                 weights: Sequence[float], alignment: str = "judge"):
+                 weights: Sequence[float], alignment: str = "judge", judging: Optional[dict] = None):
+        """``judging``: ``prompts`` (a prompt set as plain data or a name/path;
+        None: the default set), ``judge_text`` (plain | tagged),
+        ``image_max_side`` and ``format`` (strict | headers)."""
+        from aesformer.rewards import load_prompts
+
         if alignment not in ALIGNMENT_MODES:
             raise ValueError(f"reward alignment must be one of {ALIGNMENT_MODES}, got '{alignment}'")
+        judging = dict(judging or {})
+        self.prompts = load_prompts(judging.get("prompts"))
+        self.judge_text = judging.get("judge_text", "plain")
+        self.image_max_side = judging.get("image_max_side", 512)
+        self.format = judging.get("format", "strict")
         self.weights = tuple(float(w) for w in weights)
         self.alignment = alignment
         self.judge = None
@@ -49,25 +62,26 @@ class RewardWorker:
         reference plan text) and ``image`` (the poor photo: PIL, or its
         object-store reference). Returns
         lists ``rf``, ``ra``, ``rc`` and the weighted ``reward``."""
-        from aesformer.actions import format_reward
-        from aesformer.rewards import alignment_prompt, combine, creativity_prompt, expected_score, judge_messages, rule_alignment
+        from aesformer.rewards import (alignment_request, combine, creativity_request, expected_score, format_score,
+                                       rule_alignment)
 
         wf, wa, wc = self.weights
         n = len(items)
-        rf = [format_reward(it["text"]) for it in items]
+        rf = [format_score(it["text"], self.format) for it in items]
         ra = [0.0] * n
         rc = [0.0] * n
         if wa != 0:
             if self.alignment == "rule":
                 ra = [rule_alignment(it["text"], it["reference"]) for it in items]
             else:
-                requests = [{"text": alignment_prompt(it["text"], it["reference"])} for it in items]
+                requests = [alignment_request(self.prompts, it["text"], it["reference"], self.judge_text) for it in items]
                 ra = [float(x) for x in expected_score(self.judge.score_tokens(requests, self.score_ids))]
         if wc != 0:
             from aesformer.actors.images import resolve_items
 
             items = resolve_items(items)  # the photos arrive as object-store references
-            requests = [{"messages": judge_messages(creativity_prompt(it["text"]), it["image"])} for it in items]
+            requests = [creativity_request(self.prompts, it["text"], it["image"], self.judge_text, self.image_max_side)
+                        for it in items]
             rc = [float(x) for x in expected_score(self.judge.score_tokens(requests, self.score_ids))]
         reward = [float(combine(f, a, c, self.weights)) for f, a, c in zip(rf, ra, rc)]
         return {"rf": rf, "ra": ra, "rc": rc, "reward": reward}

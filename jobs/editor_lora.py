@@ -90,10 +90,10 @@ class EditorLoraConfig(JobConfig):
     control_area: int = 1024 * 1024
     condition_area: int = 384 * 384
     aspects: list = field(default_factory=lambda: [round(a, 6) for a in TARGET_ASPECTS])
-    # optimisation (released: lr 1e-5, 8-bit AdamW, 2 epochs, seed 42)
+    # optimisation (released: lr 1e-5, 8-bit AdamW with its default weight decay 1e-2, 2 epochs, seed 42)
     lr: float = 1e-5
     optimizer: str = "auto"          # auto: adamw8bit on GPU, adamw on CPU
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-2
     grad_clip: float = 1.0
     warmup_steps: int = 0
     epochs: int = 2

@@ -14,8 +14,9 @@ first finished groups of a step rather than waiting for the whole batch.
 Every step logs to MLflow each reward component, format rate, KL, entropy,
 response length, advantage statistics, clip fraction, the log-prob mismatch
 between the rollout engines and the learner (a broken weight sync shows
-there) and the time of each phase. Validation every ``val_every`` steps on
-held-out pairs (temperature 0.6, top-p 0.95, n=1); checkpoints every
+there) and the time of each phase. Validation before the first step and
+every ``val_every`` steps on the held-out pairs, all of them unless
+``val_prompts`` caps it (temperature 0.6, top-p 0.95, n=1); checkpoints every
 ``checkpoint_every`` steps (learner weights and optimizer, data position, RNG
 state, step), ``resume=auto`` continues from the newest. A rollout, reward or
 reference actor that dies is replaced and its work retried.
@@ -70,7 +71,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_tokens: int = 1024  # max response
     max_prompt_tokens: int = 2048
-    max_pixels: int = 1048576
+    min_pixels: Optional[int] = 262144  # the photo is scaled into [min_pixels, max_pixels] (the released range)
+    max_pixels: int = 4194304
     chunk_prompts: int = 8  # prompts per generate call; scoring starts as each chunk finishes
     resources: dict = field(default_factory=dict)  # custom resources per actor, e.g. {node_b: 1} pins it
     # one-step-off-policy: step k+1's rollout runs while the learner updates on step k
@@ -82,6 +84,10 @@ class RolloutConfig:
 class RewardConfig:
     weights: list = field(default_factory=lambda: [0.1, 0.5, 0.4])  # λf, λa, λc
     alignment: str = "judge"  # judge | rule (rule_alignment instead of the judge's Ra)
+    prompts: str = "default"  # the judge's prompts: a name in conf/prompts/ or a YAML file
+    judge_text: str = "plain"  # plain: plans without their tags (as released) | tagged: as written
+    image_max_side: Optional[int] = 512  # the photo's longer side for Rc (null: as the rollout saw it)
+    format: str = "strict"  # Rf: strict (each dimension in its own tags) | headers (the seven headers in order)
     engine: str = "auto"
     actors: int = 2
     gpus_per_actor: float = 2.0
@@ -89,7 +95,7 @@ class RewardConfig:
     tensor_parallel: int = 2
     dtype: str = "bfloat16"
     gpu_memory_utilization: float = 0.85
-    max_model_len: int = 8192
+    max_model_len: int = 4096
     max_pixels: int = 1048576
     chunk_plans: int = 64  # plans per scoring call
     resources: dict = field(default_factory=dict)
@@ -116,7 +122,9 @@ class LearnerConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     micro_batch: int = 4  # sequences per forward pass per worker
-    clip_ratio: float = 0.2
+    clip_ratio_low: float = 0.2  # the ratio is clipped to [1 - low, 1 + high]
+    clip_ratio_high: float = 0.3
+    dual_clip: Optional[float] = 3.0  # negative-advantage tokens' loss capped at dual_clip * |A|; 0: off
     kl_coef: float = 1e-2
     kl_estimator: str = "low_var_kl"  # k3
     loss_agg: str = "token-mean"
@@ -138,8 +146,8 @@ class GrpoAConfig(JobConfig):
     prompts_per_step: int = 512  # rollout batch
     prompts_per_update: int = 128  # update batch (an optimizer step each)
     sync_every: int = 1  # push weights to the rollout engines every k steps (0: never; debugging only)
-    val_every: int = 5
-    val_prompts: int = 64
+    val_every: int = 4  # validate before the first step and every k steps (0: never)
+    val_prompts: Optional[int] = None  # validation pairs; None: the whole test split
     val_temperature: float = 0.6
     val_top_p: float = 0.95
     checkpoint_every: int = 5
@@ -155,8 +163,8 @@ class GrpoAConfig(JobConfig):
 
 
 def check_config(cfg: GrpoAConfig) -> None:
-    from aesformer.rewards import ALIGNMENT_MODES
     from aesformer.grpo import AGG_MODES, KL_KINDS
+    from aesformer.rewards import ALIGNMENT_MODES, FORMAT_MODES, JUDGE_TEXT_MODES, load_prompts
 
     if cfg.prompts_per_step < 1 or cfg.prompts_per_update < 1:
         raise ConfigError("prompts_per_step and prompts_per_update must be at least 1")
@@ -167,10 +175,24 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError(f"reward.weights needs three numbers (format, alignment, creativity), got {cfg.reward.weights}")
     if cfg.reward.alignment not in ALIGNMENT_MODES:
         raise ConfigError(f"reward.alignment must be one of {', '.join(ALIGNMENT_MODES)}, got '{cfg.reward.alignment}'")
+    if cfg.reward.judge_text not in JUDGE_TEXT_MODES:
+        raise ConfigError(f"reward.judge_text must be one of {', '.join(JUDGE_TEXT_MODES)}, got '{cfg.reward.judge_text}'")
+    if cfg.reward.format not in FORMAT_MODES:
+        raise ConfigError(f"reward.format must be one of {', '.join(FORMAT_MODES)}, got '{cfg.reward.format}'")
+    try:
+        load_prompts(cfg.reward.prompts)
+    except ValueError as e:
+        raise ConfigError(f"reward.prompts: {e}") from e
     if cfg.learner.loss_agg not in AGG_MODES:
         raise ConfigError(f"learner.loss_agg must be one of {', '.join(AGG_MODES)}")
     if cfg.learner.kl_estimator not in KL_KINDS:
         raise ConfigError(f"learner.kl_estimator must be one of {', '.join(KL_KINDS)}")
+    ln = cfg.learner
+    if not 0.0 <= ln.clip_ratio_low < 1.0 or ln.clip_ratio_high < 0.0:
+        raise ConfigError(f"learner.clip_ratio_low must be in [0, 1) and learner.clip_ratio_high >= 0, got "
+                          f"{ln.clip_ratio_low} and {ln.clip_ratio_high}")
+    if ln.dual_clip and ln.dual_clip <= 1.0:
+        raise ConfigError(f"learner.dual_clip must be greater than 1 (or 0 to turn it off), got {ln.dual_clip}")
     if cfg.rollout.n < 2:
         raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
     if cfg.learner.placement not in STRATEGIES:
@@ -243,14 +265,17 @@ def gpus_needed(cfg: GrpoAConfig) -> int:
 
 class Prompts:
     """The prompts of one split: ids in a seeded order per epoch, images read
-    from Parquet only for the ids a step takes. Rows without a usable plan
-    or photo are quarantined with the reason."""
+    from Parquet only for the ids a step takes and scaled into ``pixels``
+    (min, max). Rows without a usable plan or photo are quarantined with the
+    reason."""
 
-    def __init__(self, folder: Path, split: str, seed: int, instruction: str, quarantine: Path):
+    def __init__(self, folder: Path, split: str, seed: int, instruction: str, quarantine: Path,
+                 pixels: tuple = (None, None)):
         from aesformer.data import read_table
 
         table = read_table(folder, columns=["id", "plan"], split=split)
         self.folder, self.seed, self.instruction, self.quarantine = folder, seed, instruction, quarantine
+        self.pixels = pixels
         self.plans: dict[str, str] = {}
         for rid, plan in zip(table.column("id").to_pylist(), table.column("plan").to_pylist()):
             if plan:
@@ -279,14 +304,15 @@ class Prompts:
             out.extend(self.order(epoch)[i:i + count - len(out)])
         return out
 
-    def load(self, ids: list[str], max_pixels: Optional[int] = None) -> list[dict]:
+    def load(self, ids: list[str]) -> list[dict]:
         """Prompt records (id, request, reference) for ``ids``, in order; each
-        photo decoded once and capped to ``max_pixels`` (aspect kept)."""
+        photo decoded once and scaled into ``pixels`` (aspect kept); the pools
+        cap it again to their own ``max_pixels``."""
         import pyarrow.compute as pc
         import pyarrow.dataset as pads
 
         from aesformer.data import PairError, decode_image, finished_shards
-        from aesformer.engines import prepare_image
+        from aesformer.sft import fit_pixels
 
         dataset = pads.dataset([str(p) for p in finished_shards(self.folder)], format="parquet")
         table = dataset.to_table(columns=["id", "poor_image"], filter=pc.field("id").isin(list(set(ids))))
@@ -294,7 +320,7 @@ class Prompts:
         out = []
         for rid in ids:
             try:
-                photo = prepare_image(decode_image(images.get(rid), row=rid, field="poor_image"), max_pixels)
+                photo = fit_pixels(decode_image(images.get(rid), row=rid, field="poor_image"), *self.pixels)
             except PairError as e:
                 self._quarantine(rid, e.reason)
                 continue
@@ -369,8 +395,8 @@ class Trainer:
         from aesformer.actors.pool import ActorPool
         from aesformer.actors.reference import ReferenceWorker
         from aesformer.actors.reward import RewardWorker
-        from aesformer.rewards import needs_judge
         from aesformer.actors.rollout import RolloutWorker
+        from aesformer.rewards import load_prompts, needs_judge
 
         cfg = self.cfg
         ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
@@ -385,7 +411,8 @@ class Trainer:
         per_rank = math.ceil(update_seqs / ln.workers)
         settings = dict(zero_stage=ln.zero_stage, bf16=ln.bf16, lr=ln.lr, weight_decay=ln.weight_decay,
                         grad_clip=ln.grad_clip, micro_batch=ln.micro_batch,
-                        grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio=ln.clip_ratio,
+                        grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio_low=ln.clip_ratio_low,
+                        clip_ratio_high=ln.clip_ratio_high, dual_clip=ln.dual_clip,
                         kl_coef=ln.kl_coef, kl_estimator=ln.kl_estimator, loss_agg=ln.loss_agg,
                         freeze_vision=ln.freeze_vision, gradient_checkpointing=ln.gradient_checkpointing,
                         temperature=ro.temperature, max_pixels=ro.max_pixels,
@@ -411,10 +438,12 @@ class Trainer:
         reward_opts = dict(dtype=rw.dtype, max_pixels=rw.max_pixels, tensor_parallel_size=rw.tensor_parallel,
                            gpu_memory_utilization=rw.gpu_memory_utilization, max_model_len=rw.max_model_len,
                            seed=cfg.seed)
+        judging = dict(prompts=load_prompts(rw.prompts).to_dict(), judge_text=rw.judge_text,
+                       image_max_side=rw.image_max_side, format=rw.format)
         reward_bundle = {"CPU": rw.cpus_per_actor, "GPU": rw.gpus_per_actor if judge_needed else 0, **rw.resources}
         self.reward = ActorPool(f"{self.tag}-reward", RewardWorker, rw.actors, reward_bundle,
                                 lambda i: (rw.engine, judge if judge_needed else None, reward_opts,
-                                           list(rw.weights), rw.alignment), **timeouts)
+                                           list(rw.weights), rw.alignment, judging), **timeouts)
         self.pools.append(self.reward)
         self.use_reference = ln.kl_coef != 0
         self.reference = None
@@ -579,7 +608,8 @@ class Trainer:
         return {"logprob_mismatch": total["mismatch"] / tokens,
                 "logprob_mismatch_max": max(p["mismatch_max"] for p in parts),
                 "entropy": total["entropy"] / tokens, "kl": total["kl"] / tokens,
-                "clip_frac": total["clip"] / tokens, "pg_loss": total["pg_loss"], "loss": total["loss"],
+                "clip_frac": total["clip"] / tokens,
+                "dual_clip_frac": total["dual_clip"] / tokens, "pg_loss": total["pg_loss"], "loss": total["loss"],
                 "grad_norm": parts[0]["grad_norm"], "updates": updates,
                 "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
                 "advantage_abs_mean": float(adv.abs().mean())}
@@ -615,6 +645,29 @@ def reward_metrics(samples: list[dict], prefix: str = "") -> dict:
     return out
 
 
+def validate(trainer: Trainer, val: Prompts, cfg: GrpoAConfig) -> dict:
+    """Rewards of one plan per validation pair (the first ``val_prompts`` of
+    the split, or all), sampled at the validation temperature and top-p, in
+    batches of ``prompts_per_step`` pairs so only one batch of photos is held
+    at a time. Returns ``val/*`` metrics and ``time/validate``."""
+    t = time.perf_counter()
+    ids = val.ids if cfg.val_prompts is None else val.ids[:cfg.val_prompts]
+    sampling = {"n": 1, "temperature": cfg.val_temperature, "top_p": cfg.val_top_p,
+                "max_tokens": cfg.rollout.max_tokens, "seed": cfg.seed}
+    keep = ("rf", "ra", "rc", "reward", "response_ids", "finish_reason")
+    scored: list[dict] = []
+    for i in range(0, len(ids), cfg.prompts_per_step):
+        prompts = val.load(ids[i:i + cfg.prompts_per_step])
+        if prompts:
+            stage_images(prompts)
+            samples, _ = trainer.sample_and_score(prompts, sampling, with_reference=False)
+            scored.extend({k: s[k] for k in keep} for s in samples)
+    metrics = reward_metrics(scored, "val/")
+    metrics["val/pairs"] = len(scored)
+    metrics["time/validate"] = time.perf_counter() - t
+    return metrics
+
+
 def run(cfg: GrpoAConfig) -> dict:
     """Trains; returns the output folder, the final model, the last step's
     metrics, the checkpoint folder and the actor restarts."""
@@ -643,10 +696,11 @@ def run(cfg: GrpoAConfig) -> dict:
     else:
         data = find_dataset(cfg.data)
     instruction = thinker_instruction(cfg.instruction)
-    train = Prompts(data, "train", cfg.seed, instruction, out / "quarantine.jsonl")
+    pixels = (cfg.rollout.min_pixels, cfg.rollout.max_pixels)
+    train = Prompts(data, "train", cfg.seed, instruction, out / "quarantine.jsonl", pixels)
     if not len(train):
         raise no_plans_error(data, "data", "train")
-    val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl")
+    val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl", pixels)
     policy_key = "init" if cfg.init else "models.thinker"
     policy = resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir, policy_key)
     judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
@@ -691,13 +745,11 @@ def run(cfg: GrpoAConfig) -> dict:
             log.info("resumed from %s: step %d, data position %d", resume_dir, start_step, position)
         sampling = {"n": cfg.rollout.n, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                     "max_tokens": cfg.rollout.max_tokens}
-        cap = max(cfg.rollout.max_pixels or 0, cfg.reward.max_pixels or 0) or None  # each pool caps again to its own
-
         def rollout_step(at: int, seed: int) -> dict:
             """Take, load and stage the prompts at data position ``at``; rollout,
             rewards and reference log-probs on the engines' current weights."""
             ids = train.take(at, cfg.prompts_per_step)
-            prompts = train.load(ids, cap)
+            prompts = train.load(ids)
             created = object_store_created_bytes()
             image_bytes = stage_images(prompts)
             out = {"ids": ids, "image_bytes": image_bytes, "samples": None, "times": {}}
@@ -708,6 +760,13 @@ def run(cfg: GrpoAConfig) -> dict:
             out["transfer_bytes"] = (after - created) if None not in (after, created) else None
             return out
 
+        if cfg.val_every and start_step == 1 and len(val):
+            # before training, as the released training: the SFT policy's rewards are the baseline
+            before = validate(trainer, val, cfg)
+            tracker.log_metrics(before, step=0)
+            result["validation_before"] = before
+            log.info("validation before training: reward %.3f format %.2f on %d pairs", before["val/reward_mean"],
+                     before["val/format_rate"], before["val/pairs"])
         last: dict = {}
         run_steps, last_step = 0, start_step - 1
         t_run = time.perf_counter()
@@ -753,14 +812,7 @@ def run(cfg: GrpoAConfig) -> dict:
                             "epoch": position / max(1, len(train)),
                             "restarts": sum(p.restarts for p in trainer.pools)})
             if cfg.val_every and step % cfg.val_every == 0 and len(val):
-                t = time.perf_counter()
-                vprompts = val.load(val.ids[:cfg.val_prompts], cap)
-                stage_images(vprompts)
-                vs, _ = trainer.sample_and_score(vprompts, {"n": 1, "temperature": cfg.val_temperature,
-                                                            "top_p": cfg.val_top_p, "max_tokens": cfg.rollout.max_tokens,
-                                                            "seed": cfg.seed}, with_reference=False)
-                metrics.update(reward_metrics(vs, "val/"))
-                metrics["time/validate"] = time.perf_counter() - t
+                metrics.update(validate(trainer, val, cfg))
             tracker.log_metrics(metrics, step=step)
             best = max(samples, key=lambda x: x["reward"])
             record = {"step": step, "prompt_ids": ids, **metrics, "weight_versions": versions,

@@ -64,6 +64,7 @@ class EditorSettings:
     output_area: int = 1440 * 1088  # about 1440x1088 at the photo's aspect
     height: Optional[int] = None    # a fixed output size instead of output_area
     width: Optional[int] = None
+    render: str = "aspect"          # released: every output 1088x1440 with seed 1234, as the released evaluation
     offload: bool = False           # model CPU offload on GPU (the released editor needs it on 48 GB)
 
 
@@ -84,9 +85,13 @@ class ReconstructConfig(JobConfig):
 
 
 def check_inputs(cfg: ReconstructConfig) -> None:
+    from aesformer.pipeline import RENDER_MODES
+
     if cfg.input is not None and not Path(cfg.input).expanduser().exists():
         raise ConfigError(f"input='{cfg.input}' does not exist: pass a photo, a folder of photos or an AesRecon "
                           "folder")
+    if cfg.editor.render not in RENDER_MODES:
+        raise ConfigError(f"editor.render must be one of {', '.join(RENDER_MODES)}, got '{cfg.editor.render}'")
 
 
 def list_inputs(cfg: ReconstructConfig) -> list[dict]:
@@ -167,6 +172,7 @@ def run(cfg: ReconstructConfig) -> dict:
 
     from aesformer.actors.reconstruct import EditorPool, ThinkerPool, load_photo
     from aesformer.models import resolve_model
+    from aesformer.pipeline import render_settings
 
     out = Path(cfg.output)
     with Tracker.start(cfg, "reconstruct") as tracker:
@@ -181,6 +187,7 @@ def run(cfg: ReconstructConfig) -> dict:
             thinker_path = resolve_model(cfg.models.thinker, cfg.models.cache_dir, "models.thinker")
             editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
             th, ed = cfg.thinker, cfg.editor
+            render = render_settings(ed.render, seed=cfg.seed, height=ed.height, width=ed.width)
             engine_options = dict(dtype=th.dtype if th.num_gpus else "float32", max_pixels=th.max_pixels,
                                   batch_size=th.batch_size)
             if th.engine != "hf" and th.num_gpus:
@@ -204,8 +211,8 @@ def run(cfg: ReconstructConfig) -> dict:
                                            output_area=ed.output_area, steps=ed.steps, true_cfg_scale=ed.true_cfg_scale,
                                            negative_prompt=ed.negative_prompt,
                                            dtype=ed.dtype if ed.num_gpus else "float32",
-                                           device="cuda" if ed.num_gpus else "cpu", seed=cfg.seed,
-                                           height=ed.height, width=ed.width, editor_name=cfg.models.editor,
+                                           device="cuda" if ed.num_gpus else "cpu", seed=render["seed"],
+                                           height=render["height"], width=render["width"], editor_name=cfg.models.editor,
                                            offload=ed.offload))
             with Progress("reconstruct", len(todo), "photos") as photos:
                 for rec in ds.iter_rows():

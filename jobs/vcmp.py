@@ -52,6 +52,10 @@ class VcmpConfig(JobConfig):
     judge_max_pixels: Optional[int] = None
     # vLLM tensor parallel size of the judge (its pool actors should hold as many GPUs)
     judge_tensor_parallel: int = 1
+    # the VLM of screening and good-frame detection (paper: Qwen2.5-VL-72B); null: models.judge
+    screen_vlm: Optional[str] = None
+    # its vLLM tensor parallel size (null: judge_tensor_parallel); the screen and good_frame pools hold as many GPUs
+    screen_vlm_tensor_parallel: Optional[int] = None
     ingest: IngestConfig = field(default_factory=IngestConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
@@ -135,12 +139,14 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
     from aesformer.vcmp import rows as R
 
     judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
+    screener = (resolve_model(cfg.screen_vlm, cfg.models.cache_dir, "screen_vlm") if cfg.screen_vlm else judge)
     editor = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
     table = R.table(R.new_row(v, {"probe": v["probe"], "content_hash": v["content_hash"]}) for v in videos)
     ds = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
     P = cfg.pools
     common = {"engine": cfg.engine, "max_pixels": cfg.judge_max_pixels,
               "tensor_parallel": cfg.judge_tensor_parallel}
+    screening = {**common, "tensor_parallel": cfg.screen_vlm_tensor_parallel or cfg.judge_tensor_parallel}
 
     def pool(callable_cls, pc, **kwargs):
         """map_batches arguments of a model stage: an actor pool sized from its config."""
@@ -149,17 +155,17 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
                     fn_constructor_kwargs={**kwargs, "batch_size": max(1, pc.batch_size * 4),
                                            "num_gpus": pc.num_gpus})
 
-    ds = ds.map_batches(**pool(ScreenVideos, P.screen, judge=judge, screen=cfg.screen, **common))
+    ds = ds.map_batches(**pool(ScreenVideos, P.screen, judge=screener, screen=cfg.screen, **screening))
     cpu = dict(ray_remote_args_fn=functools.partial(cpu_task_args, cfg.cpu_stage_cpus),
                compute=TaskPoolStrategy(size=cfg.cpu_stage_tasks), batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
     ds = ds.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter,
                                                   "improvement": cfg.improvement}, **cpu)
-    if cfg.fuse_pair_stages:
+    if cfg.fuse_pair_stages:  # one process and one judge (models.judge) for the good-frame to align stages
         return ds.map_batches(**pool(MinePairs, P.pairs, judge=judge, editor=editor, good=cfg.good_frame,
                                      quality=cfg.quality, overlay=cfg.overlay, align=cfg.align, seed=cfg.seed,
                                      image_format=cfg.sample.image_format, **common))
-    ds = ds.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=judge, good=cfg.good_frame, **common))
+    ds = ds.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=screener, good=cfg.good_frame, **screening))
     ds = ds.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
     ds = ds.map_batches(**pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay,
                                seed=cfg.seed, image_format=cfg.sample.image_format, **common))

@@ -75,7 +75,7 @@ def test_policy_loss_gradient_on_policy_equals_minus_advantage_logprob_token_mea
     adv = torch.tensor([0.7, -1.2, 0.4])
 
     logp = token_logprobs(logits, labels)
-    loss, metrics = policy_loss(logp, logp.detach(), adv, mask, clip_ratio=0.2)
+    loss, metrics = policy_loss(logp, logp.detach(), adv, mask)
     (grad,) = torch.autograd.grad(loss, logits)
 
     logp2 = token_logprobs(logits, labels)
@@ -84,20 +84,77 @@ def test_policy_loss_gradient_on_policy_equals_minus_advantage_logprob_token_mea
 
     assert torch.allclose(grad, grad_ref, atol=1e-6)
     assert loss.item() == pytest.approx(-(adv[:, None] * mask).sum().item() / 9, abs=1e-6)
-    assert metrics == {"clip_frac": 0.0, "approx_kl": 0.0}
+    assert metrics == {"clip_frac": 0.0, "dual_clip_frac": 0.0, "approx_kl": 0.0}
 
 
-def test_policy_loss_clips_and_reports_clip_fraction():
-    old = torch.zeros(1, 2)
-    logp = torch.tensor([[math.log(1.5), math.log(1.1)]])  # ratios 1.5 (clipped) and 1.1
-    loss, metrics = policy_loss(logp, old, torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), clip_ratio=0.2)
-    # per token: -min(1.5, 1.2) = -1.2 and -1.1 → mean -1.15
-    assert loss.item() == pytest.approx(-1.15, abs=1e-6)
-    assert metrics["clip_frac"] == pytest.approx(0.5)
-    assert metrics["approx_kl"] == pytest.approx(-(math.log(1.5) + math.log(1.1)) / 2)
-    # a negative advantage on a ratio below 1 - eps is clipped too
-    loss, m = policy_loss(torch.tensor([[math.log(0.5)]]), torch.zeros(1, 1), torch.tensor([-2.0]), torch.ones(1, 1))
-    assert loss.item() == pytest.approx(2.0 * 0.8) and m["clip_frac"] == 1.0
+def _per_token_loss(ratio: float, advantage: float, **clip) -> tuple[float, float, dict]:
+    """Loss and d loss / d logp of one token with the given ratio and advantage."""
+    logp = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, metrics = policy_loss(logp, torch.zeros(1, 1), torch.tensor([advantage]), torch.ones(1, 1), **clip)
+    loss.backward()
+    return loss.item(), logp.grad.item(), metrics
+
+
+# The released clipping: ε_low 0.2, ε_high 0.3 (ratio kept in [0.8, 1.3]), dual clip 3.0.
+@pytest.mark.parametrize("ratio, advantage, loss, grad, clipped, dual", [
+    # A > 0, ratio above 1 + ε_high: the clipped ratio 1.3 is taken, no gradient
+    (1.5, 1.0, -1.3, 0.0, 1.0, 0.0),
+    # A > 0, ratio inside the range: -A·ρ, gradient -A·ρ
+    (1.1, 1.0, -1.1, -1.1, 0.0, 0.0),
+    # A > 0, ratio below 1 - ε_low: max(-0.5, -0.8) keeps the unclipped -0.5
+    (0.5, 1.0, -0.5, -0.5, 0.0, 0.0),
+    # A < 0, ratio below 1 - ε_low: max(0.5, 0.8) takes the clipped 0.8, no gradient
+    (0.5, -1.0, 0.8, 0.0, 1.0, 0.0),
+    # A < 0, ratio above 1 + ε_high but under the dual clip: max(1.5, 1.3) = 1.5, gradient -A·ρ
+    (1.5, -1.0, 1.5, 1.5, 0.0, 0.0),
+    # A < 0, ratio past the dual clip: min(4.0, 3·|A|) = 3.0, no gradient
+    (4.0, -1.0, 3.0, 0.0, 0.0, 1.0),
+    # A = -2, ratio 2.5: 5.0 is under the cap 6.0, dual clip inactive
+    (2.5, -2.0, 5.0, 5.0, 0.0, 0.0),
+    # A > 0 and a huge ratio: the dual clip only applies to negative advantages
+    (4.0, 1.0, -1.3, 0.0, 1.0, 0.0),
+])
+def test_policy_loss_clip_branches_hand_computed(ratio, advantage, loss, grad, clipped, dual):
+    got_loss, got_grad, m = _per_token_loss(ratio, advantage)
+    assert got_loss == pytest.approx(loss, abs=1e-5)
+    assert got_grad == pytest.approx(grad, abs=1e-5)
+    assert m["clip_frac"] == clipped and m["dual_clip_frac"] == dual
+
+
+def test_policy_loss_without_dual_clip_keeps_the_large_negative_term():
+    # A = -1, ratio 4: max(4.0, 1.3) = 4.0, and its gradient -A·ρ = 4.0
+    for off in (None, 0):
+        loss, grad, m = _per_token_loss(4.0, -1.0, dual_clip=off)
+        assert loss == pytest.approx(4.0, abs=1e-5) and grad == pytest.approx(4.0, abs=1e-5)
+        assert m["dual_clip_frac"] == 0.0
+
+
+def test_policy_loss_symmetric_clip_when_high_is_none():
+    # ε_high = ε_low = 0.2: ratio 1.25 is clipped to 1.2 for A > 0
+    loss, grad, m = _per_token_loss(1.25, 1.0, clip_ratio_low=0.2, clip_ratio_high=None)
+    assert loss == pytest.approx(-1.2, abs=1e-5) and grad == 0.0 and m["clip_frac"] == 1.0
+    # with the released ε_high 0.3 the same token is inside the range
+    loss, grad, m = _per_token_loss(1.25, 1.0)
+    assert loss == pytest.approx(-1.25, abs=1e-5) and m["clip_frac"] == 0.0
+
+
+def test_policy_loss_mixes_branches_in_a_token_mean_and_reports_fractions():
+    old = torch.zeros(1, 4)
+    # ratios 1.5 (A>0: clipped to 1.3), 1.1 (A>0), 0.5 (A<0: clipped to 0.8), 4.0 (A<0: dual cap 3.0)
+    logp = torch.log(torch.tensor([[1.5, 1.1, 0.5, 4.0]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    loss, m = policy_loss(logp, old, adv, torch.ones(1, 4))
+    assert loss.item() == pytest.approx((-1.3 - 1.1 + 0.8 + 3.0) / 4, abs=1e-5)
+    assert m["clip_frac"] == pytest.approx(0.5) and m["dual_clip_frac"] == pytest.approx(0.25)
+    assert m["approx_kl"] == pytest.approx(-math.log(1.5 * 1.1 * 0.5 * 4.0) / 4, abs=1e-6)
+
+
+def test_policy_loss_rejects_impossible_clip_settings():
+    args = (torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(*args, dual_clip=0.5)
+    with pytest.raises(ValueError, match="low"):
+        policy_loss(*args, clip_ratio_low=1.0)
 
 
 def test_kl_loss_is_masked_token_mean_of_k3():

@@ -6,7 +6,6 @@ filesystem. One cluster for the module; every process has a timeout."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 

@@ -93,31 +93,50 @@ def _per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_ratio: float = 0.2, mode: str = "token-mean", clip_ratio_high: Optional[float] = None,
-                normalizer: Optional[float] = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clipped surrogate, aggregated over response tokens.
+                clip_ratio_low: float = 0.2, clip_ratio_high: Optional[float] = 0.3, dual_clip: Optional[float] = 3.0,
+                mode: str = "token-mean", normalizer: Optional[float] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clipped surrogate with an asymmetric clip range and dual clip,
+    aggregated over response tokens (defaults: the released training's 0.2,
+    0.3 and 3.0).
 
-    Per token: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high)) with ρ = exp(logp −
-    old_logp), ε_high = ``clip_ratio_high`` or ``clip_ratio``. On fully
-    on-policy data (logp == old_logp) its gradient is that of −A·logπ
-    averaged over tokens (the paper's eq. 2). ``advantages`` is [B] (one
-    value per sequence, broadcast over its tokens) or [B, T].
+    Per token, with ρ = exp(logp − old_logp):
 
-    Returns (loss, metrics) with metrics ``clip_frac`` (share of tokens
-    where the clipped branch was taken) and ``approx_kl`` (token-mean of
-    old_logp − logp), as floats.
+    - clipped = max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), ε_high =
+      ``clip_ratio_high`` (None: ``clip_ratio_low``);
+    - for A < 0 and ``dual_clip`` = c (0 or None: off), the loss is further
+      capped at −A·c = c·|A|: a token whose ratio grew far past the range
+      while its advantage is negative stops pushing (dual-clip PPO).
+
+    On fully on-policy data (logp == old_logp) the gradient is that of
+    −A·logπ averaged over tokens (the paper's eq. 2). ``advantages`` is [B]
+    (one value per sequence, broadcast over its tokens) or [B, T].
+
+    Returns (loss, metrics) with metrics ``clip_frac`` (share of tokens where
+    the clipped ratio was taken), ``dual_clip_frac`` (share where the dual
+    clip's cap was taken) and ``approx_kl`` (token-mean of old_logp − logp),
+    as floats.
     """
+    high = clip_ratio_low if clip_ratio_high is None else clip_ratio_high
+    if not 0.0 <= clip_ratio_low < 1.0 or high < 0.0:
+        raise ValueError(f"clip ratios must satisfy 0 <= low < 1 and high >= 0, got low={clip_ratio_low}, high={high}")
+    if dual_clip and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be greater than 1 (or 0 to turn it off), got {dual_clip}")
     adv = _per_token(torch.as_tensor(advantages, device=logp.device), logp)
     log_ratio = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
     ratio = torch.exp(log_ratio)
-    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + high)
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
+    dual_taken = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip:
+        cap = -adv * float(dual_clip)
+        dual_taken = (adv < 0) & (per_token > cap)
+        per_token = torch.where(dual_taken, cap, per_token)
     loss = aggregate(per_token, mask, mode, normalizer=normalizer)
     with torch.no_grad():
         metrics = {
             "clip_frac": float(aggregate((clipped > unclipped).to(logp.dtype), mask, "token-mean")),
+            "dual_clip_frac": float(aggregate(dual_taken.to(logp.dtype), mask, "token-mean")),
             "approx_kl": float(aggregate(-log_ratio, mask, "token-mean")),
         }
     return loss, metrics

@@ -40,6 +40,27 @@ def normalise_plan(text: str) -> tuple[str, bool]:
         return (text or "").strip(), False
 
 
+# The released evaluation renders every reconstruction 1088 wide and 1440 high
+# with seed 1234, whatever the photo's aspect.
+RELEASED_RENDER = {"width": 1088, "height": 1440, "seed": 1234}
+RENDER_MODES = ("aspect", "released")
+
+
+def render_settings(mode: str = "aspect", *, seed: int = 0, height: Optional[int] = None,
+                    width: Optional[int] = None) -> dict:
+    """The editor's output size and seed: ``{"height", "width", "seed"}``.
+
+    ``aspect``: ``height``/``width`` as given (None: about the output area at
+    the photo's aspect, see :func:`output_size`) and ``seed``. ``released``:
+    the released evaluation's fixed 1088×1440 and seed 1234.
+    """
+    if mode == "aspect":
+        return {"height": height, "width": width, "seed": int(seed)}
+    if mode == "released":
+        return dict(RELEASED_RENDER)
+    raise ValueError(f"render must be one of {', '.join(RENDER_MODES)}, got '{mode}'")
+
+
 def output_size(photo: Image.Image, area: int = OUTPUT_AREA, height: Optional[int] = None,
                 width: Optional[int] = None) -> tuple[int, int]:
     """(w, h) of the reconstruction: as requested, else ``area`` pixels at the photo's aspect."""

@@ -64,6 +64,21 @@ def cap_pixels(image: Any, max_pixels: Optional[int]) -> Any:
     return image.resize((nw, nh), Image.Resampling.BICUBIC)
 
 
+def fit_pixels(image: Any, min_pixels: Optional[int], max_pixels: Optional[int]) -> Any:
+    """The image scaled (aspect kept) into [``min_pixels``, ``max_pixels``]
+    pixels: down as :func:`cap_pixels`, or up (bicubic) when smaller than
+    ``min_pixels``; either bound may be None or 0 (no bound)."""
+    image = cap_pixels(image, max_pixels)
+    w, h = image.size
+    if not min_pixels or w * h >= min_pixels:
+        return image
+    scale = math.sqrt(min_pixels / (w * h))
+    nw, nh = max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
+    from PIL import Image
+
+    return image.resize((nw, nh), Image.Resampling.BICUBIC)
+
+
 def build_sample(processor: Any, image: Any, plan: str, *, instruction: str, cutoff: int,
                  max_pixels: Optional[int] = None, row: Any = None) -> dict:
     """One training sample: ``photo + instruction → plan``.
