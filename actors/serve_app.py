@@ -185,13 +185,28 @@ class Ingress:
     def _auth(self, request: Request) -> None:
         check_bearer(request.headers.get("authorization"), self.token)
 
+    def _timeout(self, request: Request) -> float:
+        """The request's time limit: ``http.request_timeout_s``, or less when
+        the client asks for less with an ``X-Request-Timeout`` header (seconds)."""
+        limit = float(self.http.request_timeout_s)
+        asked = request.headers.get("x-request-timeout")
+        if asked is None:
+            return limit
+        try:
+            value = float(asked)
+        except ValueError:
+            raise ApiError(400, f"'X-Request-Timeout' must be a number of seconds, got {asked[:40]!r}") from None
+        if not value > 0:
+            raise ApiError(400, f"'X-Request-Timeout' must be positive, got {value:g}")
+        return min(limit, value)
+
     async def _await(self, response: Any, deadline: float, stage: str) -> Any:
         try:
             return await asyncio.wait_for(response, timeout=max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             response.cancel()
-            raise ApiError(504, f"the request took longer than {self.http.request_timeout_s:g} s (in {stage}); "
-                                "it was cancelled", "timeout") from None
+            raise ApiError(504, "the request ran past its time limit (in the {stage}) and was cancelled; "
+                                "the service goes on".format(stage=stage), "timeout") from None
         except BackPressureError:
             raise ApiError(503, f"the {stage} queue is full; retry later", "overloaded",
                            {"Retry-After": str(self.http.retry_after_s)}) from None
@@ -229,9 +244,9 @@ class Ingress:
         return photo, info
 
     async def _reconstruct(self, form: Any, *, plan: Optional[str], width: Optional[int],
-                           height: Optional[int]) -> dict:
+                           height: Optional[int], timeout: float) -> dict:
         t0 = time.monotonic()
-        deadline = t0 + self.http.request_timeout_s
+        deadline = t0 + timeout
         seed = int_field(form.get("seed"), "seed", 0, 2**31 - 1, 0)
         steps = int_field(form.get("steps"), "steps", 2, self.cfg.edit.max_steps)
         photo, info = await self._photo(form)
@@ -285,8 +300,7 @@ class Ingress:
         photo, info = await self._photo(form)
         png = await asyncio.to_thread(png_bytes, photo)
         t = time.monotonic()
-        text = await self._await(self.thinker.plan.remote(png, seed),
-                                 t0 + self.http.request_timeout_s, "thinker")
+        text = await self._await(self.thinker.plan.remote(png, seed), t0 + self._timeout(request), "thinker")
         return {"plan": plan_view(text), "input": info,
                 "timings_ms": timings({"think": time.monotonic() - t, "total": time.monotonic() - t0})}
 
@@ -299,7 +313,8 @@ class Ingress:
         if plan is not None and not isinstance(plan, str):
             raise ApiError(400, "'plan' must be a text field", param="plan")
         r = await self._reconstruct(form, plan=plan, width=int_field(form.get("width"), "width", 16, max_side),
-                                    height=int_field(form.get("height"), "height", 16, max_side))
+                                    height=int_field(form.get("height"), "height", 16, max_side),
+                                    timeout=self._timeout(request))
         return {"plan": r["plan"], "image": {"b64_png": png_b64(r["png"]), "width": r["size"][0],
                                              "height": r["size"][1]},
                 "input": r["input"], "timings_ms": timings(r["seconds"])}
@@ -322,7 +337,7 @@ class Ingress:
         width, height = parse_size(form.get("size"), self.http.max_side)
         prompt = form.get("prompt")
         r = await self._reconstruct(form, plan=prompt if isinstance(prompt, str) else None, width=width,
-                                    height=height)
+                                    height=height, timeout=self._timeout(request))
         assert n == 1
         return image_edit_response(r["png"], r["plan"]["text"], r["seconds"], r["size"])
 
@@ -343,7 +358,7 @@ class Ingress:
         call = await asyncio.to_thread(parse_chat, body, max_bytes=self.http.max_image_bytes,
                                        max_pixels=self.http.max_image_pixels,
                                        max_tokens_limit=self.cfg.think.max_tokens_limit)
-        return await self._await(self.thinker.chat.remote(call), time.monotonic() + self.http.request_timeout_s,
+        return await self._await(self.thinker.chat.remote(call), time.monotonic() + self._timeout(request),
                                  "thinker")
 
 
