@@ -55,7 +55,14 @@ def app(tiny_models):
         "edit.deployment.autoscaling.upscale_delay_s=1", "edit.deployment.autoscaling.downscale_delay_s=4",
         "edit.deployment.autoscaling.metrics_interval_s=0.5", "edit.deployment.autoscaling.look_back_period_s=2",
     ])
-    url = start(cfg)
+    for attempt in range(3):
+        try:
+            url = start(cfg)
+            break
+        except Exception as e:  # a raylet that took over 30 s to register on a busy machine
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            shutdown_ray()
     try:
         yield {"url": url, "cfg": cfg}
     finally:
@@ -196,9 +203,9 @@ def test_a_given_plan_skips_the_thinker_and_is_shown_by_dimension(app):
     assert plan["parsed"] is True and plan["text"] == PLAN
     assert [d["text"] for d in plan["dimensions"]] == list(ActionPlan.parse(PLAN).to_dict().values())
     assert "think" not in r.json()["timings_ms"]
-    # the default output size: the editor's output area at the photo's aspect (96x64 → 3:2)
-    w, h = r.json()["image"]["width"], r.json()["image"]["height"]
-    assert abs(w / h - 1.5) < 0.1 and abs(w * h - 12288) < 0.15 * 12288
+    # the default output size: the editor's output area (12288 pixels) at the photo's aspect on a
+    # 32-pixel grid: 96x64 (3:2) → 128x96
+    assert (r.json()["image"]["width"], r.json()["image"]["height"]) == (128, 96)
 
 
 def test_exif_orientation_is_honoured(app):
@@ -237,7 +244,7 @@ def test_bad_input_is_a_4xx_json_error_that_names_the_problem(app, case, status,
         "empty": dict(files=image_file(b"")),
         "over the byte limit": dict(files=image_file(encoded(noise))),
         "over the pixel limit": dict(files=image_file(bomb_png(6000, 6000))),
-        "decompression bomb": dict(files=image_file(bomb_png(20000, 20000))),
+        "decompression bomb": dict(files=image_file(bomb_png(13500, 13500))),
         "no image": dict(data={"seed": "1"}, files={"other": ("a.png", good, "image/png")}),
         "text image": dict(data={"image": "a photo"}),
         "bad steps": dict(files=image_file(good), data={"steps": "1"}),
@@ -313,7 +320,7 @@ def test_openai_client_chat_completions_with_an_image_and_logprobs(app):
     top = tokens[0].top_logprobs
     assert len(top) == 3 and top[0].logprob >= top[1].logprob >= top[2].logprob
     # greedy: the first token is the most likely one
-    assert top[0].token == tokens[0].token and abs(top[0].logprob - tokens[0].logprob) < 1e-3
+    assert top[0].token == tokens[0].token and abs(top[0].logprob - tokens[0].logprob) < 1e-2
     assert res.usage.prompt_tokens > 10
 
 
@@ -429,7 +436,7 @@ def test_the_distillation_job_uses_the_application_as_its_openai_teacher(app, tm
               "validator.max_rounds=1"])["summary"]
     # the tiny thinker writes no plan: each pair is rejected with that reason, after one request each
     assert s["requests"]["this_run"]["requests"] == 2 and s["stopped"] is None
-    assert s["accepted"] + sum(s["rejected"].values()) == 2 and s.get("failed", {}) in ({}, None)
+    assert s["accepted"] + sum(s["rejected"].values()) == 2 and s["failed"] == {}
     attempts = [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines()]
     assert len(attempts) == 2 and all(a["text"] is not None for a in attempts)
 
