@@ -89,7 +89,7 @@ class Thinker:
             self.batches = (self.batches + [len(calls)])[-1000:]
             return run_chat(self.engine, calls, self.model_name)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, calls: list[ChatCall]) -> list[dict]:
         return await asyncio.to_thread(self._run, calls)
 
@@ -100,7 +100,8 @@ class Thinker:
         from PIL import Image
 
         photo = Image.open(io.BytesIO(png)).convert("RGB")
-        call = ChatCall({"images": [photo], "text": self.instruction}, replace(self.sampling, n=1, seed=seed))
+        call = ChatCall({"images": [photo], "text": self.instruction}, replace(self.sampling, n=1, seed=seed),
+                        usage=False)
         reply = await self._batched(call)
         return reply["choices"][0]["message"]["content"]
 

@@ -78,7 +78,7 @@ class ThinkerServing:
     top_p: float = 0.95
     instruction: Optional[str] = None
     max_batch_size: int = 8            # @serve.batch
-    batch_wait_timeout_s: float = 0.05
+    batch_wait_timeout_s: float = 0.01  # what a request alone waits for company
     deployment: DeploymentSettings = field(default_factory=lambda: DeploymentSettings(num_gpus=1.0,
                                                                                       max_ongoing_requests=16))
 
@@ -336,6 +336,7 @@ class ChatCall:
     n_images: int = 0
     roles: list = field(default_factory=list)
     last_text: str = ""
+    usage: bool = True                # count the prompt's tokens (a second pass of the processor)
 
 
 def engine_messages(messages: Any, *, max_bytes: int, max_pixels: int) -> tuple[list[dict], int]:
@@ -469,7 +470,8 @@ def run_chat(engine: Any, calls: Sequence[ChatCall], model_name: str) -> list[di
                     if want_top else [])
         for i, call, group in zip(idx, batch, completions):
             top = next(tops)[: call.top_logprobs] if call.top_logprobs else None
-            out[i] = chat_response(call, group, prompt_tokens(engine, call.request), model_name, tok, top)
+            n_prompt = prompt_tokens(engine, call.request) if call.usage else 0
+            out[i] = chat_response(call, group, n_prompt, model_name, tok, top)
     return out  # type: ignore[return-value]
 
 

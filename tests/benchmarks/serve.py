@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 COMMON = ["profile=tiny", "tracking.enabled=false", "ray.num_cpus=8", "ray.ship_code=false",
-          "think.max_tokens=16", "edit.steps=4", "think.batch_wait_timeout_s=0.05",
+          # the tiny profile's plan length (64 tokens) and editing steps (4)
           # fixed replica counts: latency, not autoscaling, is measured here
           "edit.deployment.autoscaling.max_replicas=1", "edit.deployment.max_ongoing_requests=8",
           "edit.deployment.max_queued_requests=-1", "think.deployment.max_queued_requests=-1"]
