@@ -73,6 +73,7 @@ class LearnerWorker:
                           WORLD_SIZE=str(self.world), LOCAL_RANK="0" if cuda else str(self.rank))
         if cuda:  # Ray gives each worker its own GPU(s): device 0 is ours
             torch.cuda.set_device(0)
+        ds.skip_unused_ops()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         s = self.s
         conf = ds.deepspeed_config(zero_stage=s["zero_stage"], bf16=s["bf16"], lr=s["lr"],
@@ -279,14 +280,11 @@ class LearnerWorker:
             if self.rank != 0:
                 return None
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        out = Path(directory)
-        tmp = out.with_name(out.name + ".tmp")
-        module.config.use_cache = True
-        module.save_pretrained(str(tmp), state_dict=state)
-        self.processor.save_pretrained(str(tmp))
-        if out.exists():
-            import shutil
+        from aesformer.atomic import write_dir
 
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return str(out)
+        def save(tmp: Path) -> None:
+            module.config.use_cache = True
+            module.save_pretrained(str(tmp), state_dict=state)
+            self.processor.save_pretrained(str(tmp))
+
+        return str(write_dir(Path(directory), save))

@@ -13,13 +13,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
 
+from aesformer.atomic import write_bytes
 from aesformer.cluster import use_worker_threads
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,6 @@ class EditorPool:
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.seed, self.height, self.width = seed, height, width
 
-    def _write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-
     def one(self, r: dict) -> dict:
         from PIL import Image
 
@@ -137,14 +132,14 @@ class EditorPool:
             plan, parsed = normalise_plan(r.get("plan") or "")
             out = self.aesformer.edit(photo, plan, seed=self.seed, height=self.height, width=self.width)
             image_path = self.out / "images" / f"{r['name']}.png"
-            self._write(image_path, _png(out))
-            self._write(self.out / "plans" / f"{r['name']}.txt", plan.encode())
+            write_bytes(image_path, _png(out))
+            write_bytes(self.out / "plans" / f"{r['name']}.txt", plan.encode())
             res.update(status="ok", image=str(image_path), plan=plan, plan_parsed=parsed, width=out.width,
                        height=out.height, seconds=time.perf_counter() - t0)
             if not parsed:
                 res["reason"] = "the plan does not parse; used as free text"
         # the record is written last: its presence marks the photo done
-        self._write(self.out / "results" / f"{r['name']}.json", json.dumps(res, indent=1).encode())
+        write_bytes(self.out / "results" / f"{r['name']}.json", json.dumps(res, indent=1).encode())
         return res
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -17,13 +17,7 @@ from typing import Optional, Sequence
 import ray
 
 from aesformer.cluster import use_worker_threads
-
-ALIGNMENT_MODES = ("judge", "rule")
-
-
-def needs_judge(weights: Sequence[float], alignment: str) -> bool:
-    return (weights[1] != 0 and alignment == "judge") or weights[2] != 0
-
+from aesformer.rewards import ALIGNMENT_MODES, needs_judge
 
 @ray.remote
 class RewardWorker:

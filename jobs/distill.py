@@ -20,14 +20,8 @@ from __future__ import annotations
 if __package__ in (None, ""):
     import _prelude  # noqa: F401  (makes aesformer importable when run as a script)
 
-import dataclasses
 import json
 import logging
-import os
-import shutil
-import sys
-import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -36,7 +30,9 @@ from aesformer.cluster import init_ray
 from aesformer.config import ConfigError, JobConfig
 from aesformer.distill.settings import (BudgetConfig, JUDGE_KINDS, TEACHER_KINDS, TeacherConfig, TranscriptConfig,
                                         ValidatorConfig)
-from aesformer.job import setup
+from aesformer.distill.outputs import make_summary, write_outputs
+from aesformer.job import run_job
+from aesformer.progress import Progress
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("distill")
@@ -63,7 +59,7 @@ class DistillConfig(JobConfig):
 
 def check_config(cfg: DistillConfig) -> Path:
     """Fail early, naming the key, on what a user must fix; returns the input folder."""
-    from aesformer.data import finished_shards
+    from aesformer.data import find_dataset
 
     if not cfg.input:
         raise ConfigError("distill needs input=<AesRecon dataset folder>, e.g. input=runs/vcmp/pairs "
@@ -76,13 +72,7 @@ def check_config(cfg: DistillConfig) -> Path:
         raise ConfigError("validator.max_rounds must be at least 1")
     if cfg.chunk_size < 1:
         raise ConfigError("chunk_size must be at least 1")
-    folder = Path(cfg.input).expanduser()
-    for candidate in (folder, folder / "pairs"):
-        if finished_shards(candidate):
-            return candidate.resolve()
-    if not folder.exists():
-        raise ConfigError(f"input '{cfg.input}' does not exist")
-    raise ConfigError(f"input '{cfg.input}' holds no AesRecon pair shards (part-*.parquet), nor does its pairs/ folder")
+    return find_dataset(cfg.input, "input")
 
 
 def chunks(rows: Iterator[dict], size: int, limit: Optional[int]) -> Iterator[list[dict]]:
@@ -118,7 +108,6 @@ def run(cfg: DistillConfig) -> dict:
     backends = Backends(budget, cfg.models.cache_dir, cfg.ray.worker_threads)
     cache = PlanCache(out / "cache.sqlite")
     asr = None
-    status = "FAILED"
     try:
         init_ray(cfg.ray)
         with tracker.phase("start_models"):
@@ -136,9 +125,9 @@ def run(cfg: DistillConfig) -> dict:
         total = LoopResult()
         keys: dict[str, dict] = {}  # pair id → {"key", "transcript", "source", "reason"}
         reused = seen = 0
-        t0 = time.perf_counter()
         n_input = _count_rows(source)
         n_target = n_input if cfg.limit is None else min(n_input, cfg.limit)
+        pairs = Progress("distill", n_target, "pairs")
         for step, rows in enumerate(chunks(iter_pairs(source), cfg.chunk_size, cfg.limit)):
             seen += len(rows)
             with tracker.phase("transcripts", step):
@@ -171,13 +160,14 @@ def run(cfg: DistillConfig) -> dict:
             with tracker.phase("teach_validate", step):
                 result = feedback_loop(tasks, teacher, validator, cache, max_rounds=cfg.validator.max_rounds)
             total.merge(result)
-            _progress(seen, n_target, total, reused, budget, t0)
+            pairs.set(seen, _note(total, reused, budget))
             tracker.log_metrics({"distill/accepted": total.accepted, "distill/rejected": sum(total.rejected.values()),
                                  "distill/failed": sum(total.failed.values()), "distill/requests": budget.requests,
                                  "distill/tokens": budget.tokens, "distill/reused": reused}, step=step)
             if result.stopped:
                 log.warning("stopping: %s; writing everything finished so far", result.stopped)
                 break
+        pairs.close()
 
         with tracker.phase("write"):
             written = write_outputs(cfg, source, out, cache, keys, settings)
@@ -189,15 +179,17 @@ def run(cfg: DistillConfig) -> dict:
         log.info("distill: %d accepted, %s rejected, %s failed, %d pending; %d requests%s → %s",
                  summary["accepted"], dict(summary["rejected"]), dict(summary["failed"]), summary["pending"],
                  budget.requests, f" (stopped: {summary['stopped']})" if summary["stopped"] else "", out)
-        status = "FINISHED"
+        tracker.close()
         return {"output": str(out), "dataset": written["dataset"], "rejects": written["rejects_jsonl"],
                 "attempts": written["attempts"], "summary": summary, "sft": written.get("sft")}
+    except BaseException as error:
+        tracker.close(error)
+        raise
     finally:
         backends.shutdown()
         if asr is not None:
             asr.shutdown()
         cache.close()
-        tracker.finish(status)
 
 
 # -- steps ------------------------------------------------------------------------------
@@ -231,143 +223,13 @@ def _attach_measurements(tasks, rows, cache, max_side, measure_many, content_has
         t.measurement = m
 
 
-def _progress(seen: int, target: int, total, reused: int, budget, t0: float) -> None:
-    dt = time.perf_counter() - t0
-    rate = seen / dt * 60 if dt > 0 else 0.0
-    eta = (target - seen) / (seen / dt) if seen and dt > 0 else 0.0
-    log.info("distill: %d/%d pairs · accepted %d · rejected %d · failed %d · reused %d · %d requests · "
-             "%.1f pairs/min · ETA %.0fs", seen, target, total.accepted, sum(total.rejected.values()),
-             sum(total.failed.values()), reused, budget.requests, rate, eta)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put a freshly written folder in place of the old one."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_jsonl(path: Path, records) -> int:
-    tmp = path.with_name(f".{path.name}.tmp")
-    n = 0
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, default=str) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
-def write_outputs(cfg: DistillConfig, source: Path, out: Path, cache, keys: dict, settings: dict) -> dict:
-    """The dataset with plans, the rejects (Parquet and JSONL), every attempt
-    and the SFT export, rebuilt from the cache (so they always agree with it)."""
-    from aesformer.data import ShardWriter, export_sft_json, iter_pairs, make_provenance
-
-    prov_cfg = dataclasses.asdict(cfg)
-    pairs_tmp, rejects_tmp = out / ".pairs.tmp", out / ".rejects.tmp"
-    for d in (pairs_tmp, rejects_tmp):
-        shutil.rmtree(d, ignore_errors=True)
-    reject_records = []
-    splits = Counter()
-    with ShardWriter(pairs_tmp, shard_rows=cfg.shard_rows) as pairs, \
-            ShardWriter(rejects_tmp, shard_rows=cfg.shard_rows) as rejects:
-        for row in iter_pairs(source):
-            info = keys.get(row["id"])
-            decided = cache.outcome(info["key"]) if info else None
-            if decided is None or decided["status"] not in ("accepted", "rejected", "failed"):
-                continue
-            rec = decided["record"]
-            new = dict(row)
-            new["transcript"] = info["transcript"] or row.get("transcript")
-            new["provenance"] = make_provenance("distill", {"distill": prov_cfg, "source": row.get("provenance")})
-            scores = list(row.get("scores") or [])
-            decisions = list(row.get("decisions") or [])
-            decisions.append({"stage": "transcript", "decision": info["source"] or "none",
-                              "reason": info["reason"]})
-            if decided["status"] == "accepted":
-                new["plan"] = rec["plan"]
-                scores.append({"name": "distill_rounds", "value": float(rec["rounds"])})
-                if rec.get("judge_score") is not None:
-                    scores.append({"name": "distill_judge", "value": float(rec["judge_score"])})
-                decisions.append({"stage": "distill", "decision": "keep",
-                                  "reason": f"accepted in round {rec['rounds']} (teacher {rec.get('teacher')})"})
-                new["scores"], new["decisions"] = scores, decisions
-                pairs.write(new)
-                splits[row.get("split")] += 1
-            else:
-                reason = rec.get("reason") or "unknown"
-                decisions.append({"stage": "distill", "decision": "drop" if decided["status"] == "rejected" else "retry",
-                                  "reason": f"{reason}: {rec.get('feedback') or ''}".strip(": ")[:2000]})
-                new["plan"], new["scores"], new["decisions"] = None, scores or None, decisions
-                rejects.write(new)
-                reject_records.append({"id": row["id"], "video_id": row.get("video_id"), "status": decided["status"],
-                                       "reason": reason, "feedback": rec.get("feedback"), "rounds": rec.get("rounds"),
-                                       "last_text": rec.get("last_text")})
-    _replace_dir(pairs_tmp, out / "pairs")
-    _replace_dir(rejects_tmp, out / "rejects")
-    written = {"dataset": str(out / "pairs"), "rejects": str(out / "rejects"),
-               "rejects_jsonl": str(out / "rejects.jsonl"), "attempts": str(out / "attempts.jsonl"),
-               "accepted_rows": sum(splits.values())}
-    _write_jsonl(out / "rejects.jsonl", reject_records)
-    _write_jsonl(out / "attempts.jsonl", cache.all_attempts())
-    if cfg.sft:
-        split = cfg.sft_split
-        if split is not None and splits and not splits.get(split) and set(splits) == {None}:
-            log.warning("no accepted pair has a split; the SFT export takes them all (set sft_split=null to silence)")
-            split = None
-        shutil.rmtree(out / "sft", ignore_errors=True)
-        written["sft"] = export_sft_json(out / "pairs", out / "sft", split=split)
-        written["sft"]["split"] = split
-    return written
-
-
-def make_summary(cfg, source, out, cache, keys, total, budget, reused, seen, n_input, written) -> dict:
-    accepted, rejected, failed = 0, Counter(), Counter()
-    rounds = Counter()
-    for info in keys.values():
-        decided = cache.outcome(info["key"])
-        if decided is None:
-            continue
-        rec = decided["record"]
-        if decided["status"] == "accepted":
-            accepted += 1
-        elif decided["status"] == "rejected":
-            rejected[rec.get("reason") or "unknown"] += 1
-        else:
-            failed[rec.get("reason") or "unknown"] += 1
-        if rec.get("rounds"):
-            rounds[str(rec["rounds"])] += 1
-    decided_n = accepted + sum(rejected.values()) + sum(failed.values())
-    sources = Counter(info["source"] or "none" for info in keys.values())
-    no_transcript = Counter(info["code"] or "unknown" for info in keys.values() if not info["transcript"])
-    all_requests = 0
-    for a in cache.all_attempts():
-        all_requests += int((a.get("usage") or {}).get("requests") or 0) + int((a.get("judge") or {}).get("requests") or 0)
-    return {
-        "input": str(source), "output": str(out), "pairs_in_input": n_input, "pairs_seen": seen,
-        "accepted": accepted, "rejected": dict(rejected), "failed": dict(failed),
-        "pending": (n_input if cfg.limit is None else min(n_input, cfg.limit)) - decided_n,
-        "rounds_used": dict(sorted(rounds.items(), key=lambda kv: int(kv[0]))),
-        "mean_rounds": round(sum(int(k) * v for k, v in rounds.items()) / max(1, sum(rounds.values())), 3),
-        "requests": {"this_run": budget.snapshot(), "all_runs": all_requests},
-        "attempts_this_run": total.attempts, "reused_from_cache": reused,
-        "stopped": total.stopped, "transcripts": dict(sources), "transcript_missing": dict(no_transcript),
-        "teacher": cfg.teacher.kind, "judge": cfg.validator.judge, "max_rounds": cfg.validator.max_rounds,
-        "dataset": written["dataset"], "rejects": written["rejects_jsonl"], "attempts": written["attempts"],
-        "sft": written.get("sft"),
-    }
+def _note(total, reused: int, budget) -> str:
+    return (f"accepted {total.accepted} · rejected {sum(total.rejected.values())} · failed "
+            f"{sum(total.failed.values())} · reused {reused} · {budget.requests} requests")
 
 
 def main(argv=None) -> dict:
-    cfg = setup(DistillConfig, "distill", argv)
-    try:
-        return run(cfg)
-    except ConfigError as e:
-        print(f"distill: config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_job(DistillConfig, "distill", run, argv, check=check_config)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aesformer.cluster import init_ray
 from aesformer.config import JobConfig
-from aesformer.job import setup
+from aesformer.job import run_job
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("doctor")
@@ -33,36 +33,34 @@ class DoctorConfig(JobConfig):
 def run(cfg: DoctorConfig) -> dict:
     from aesformer.actors.doctor import NodeProbe, describe_worker, matmul_checksum, probe_task
 
-    tracker = Tracker.start(cfg, "doctor")
-    ray = init_ray(cfg.ray)
-    with tracker.phase("probe"):
-        task_info = ray.get(probe_task.remote(), timeout=300)
-        probe = NodeProbe.remote()
-        actor_info = ray.get(probe.describe.remote(), timeout=300)
-        checksum = ray.get(probe.matmul_checksum.remote(cfg.matmul_n, cfg.seed), timeout=300)
-        ray.kill(probe)
-    expected = matmul_checksum(cfg.matmul_n, cfg.seed)
-    report = {
-        "driver": describe_worker(),
-        "task": task_info,
-        "actor": actor_info,
-        "cluster_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
-        "actor_checksum_matches_driver": abs(checksum - expected) <= 1e-3 * max(1.0, abs(expected)),
-    }
-    report["ok"] = bool(report["actor_checksum_matches_driver"]
-                        and task_info["aesformer_version"] == actor_info["aesformer_version"])
-    path = Path(cfg.output) / "doctor.json"
-    path.write_text(json.dumps(report, indent=2))
-    tracker.log_artifact(path)
-    tracker.log_metrics({"ok": float(report["ok"]), "cluster_cpus": report["cluster_resources"].get("CPU", 0)})
-    tracker.finish()
+    with Tracker.start(cfg, "doctor") as tracker:
+        ray = init_ray(cfg.ray)
+        with tracker.phase("probe"):
+            task_info = ray.get(probe_task.remote(), timeout=300)
+            probe = NodeProbe.remote()
+            actor_info = ray.get(probe.describe.remote(), timeout=300)
+            checksum = ray.get(probe.matmul_checksum.remote(cfg.matmul_n, cfg.seed), timeout=300)
+            ray.kill(probe)
+        expected = matmul_checksum(cfg.matmul_n, cfg.seed)
+        report = {
+            "driver": describe_worker(),
+            "task": task_info,
+            "actor": actor_info,
+            "cluster_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
+            "actor_checksum_matches_driver": abs(checksum - expected) <= 1e-3 * max(1.0, abs(expected)),
+        }
+        report["ok"] = bool(report["actor_checksum_matches_driver"]
+                            and task_info["aesformer_version"] == actor_info["aesformer_version"])
+        path = Path(cfg.output) / "doctor.json"
+        path.write_text(json.dumps(report, indent=2))
+        tracker.log_artifact(path)
+        tracker.log_metrics({"ok": float(report["ok"]), "cluster_cpus": report["cluster_resources"].get("CPU", 0)})
     log.info("doctor: %s; report at %s", "OK" if report["ok"] else "PROBLEMS", path)
     return {"report": str(path), "ok": report["ok"]}
 
 
 def main(argv=None) -> dict:
-    cfg = setup(DoctorConfig, "doctor", argv)
-    return run(cfg)
+    return run_job(DoctorConfig, "doctor", run, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ if __package__ in (None, ""):
 
 import json
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -33,9 +32,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aesformer.cluster import init_ray, use_worker_threads
-from aesformer.config import JobConfig
+from aesformer import checkpoints, progress
+from aesformer.progress import RemoteProgress
+from aesformer.config import JobConfig, parse_workers
+from aesformer.data import find_dataset, no_plans_error
 from aesformer.editor import DEFAULT_LORA_TARGETS, TARGET_ASPECTS
-from aesformer.job import setup
+from aesformer.editor_cache import CacheReader, collate, epoch_batches
+from aesformer.job import run_job
+from aesformer.synth import sample_aesrecon
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("editor_lora")
@@ -100,7 +104,7 @@ class EditorLoraConfig(JobConfig):
     # an int, or [min, max] for elastic training
     num_workers: Any = 1
     max_failures: int = 2
-    resume: str = "auto"             # auto | none | <checkpoint folder>
+    resume: str = "auto"             # auto | never | <checkpoint folder>
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -110,64 +114,8 @@ class EditorLoraConfig(JobConfig):
 
 
 # ---------------------------------------------------------------------------
-# Data: a small AesRecon from the sample photos when none is given
+# Data: the pairs with a plan
 # ---------------------------------------------------------------------------
-def truth_plan(truth: dict):
-    """A seven-dimension plan that undoes a known synthetic framing (poor → good)."""
-    from aesformer.actions import ActionPlan
-
-    dx, dy = truth["shift"]
-    rot = truth["rotation_deg"]
-    zoom = truth["zoom"]
-    return ActionPlan(
-        ratio=f"Crop the frame from {truth['aspect_poor']:.2f}:1 to {truth['aspect_good']:.2f}:1.",
-        composition=(f"Crop tighter (zoom in {zoom:.2f}x)." if zoom > 1.05 else
-                     f"Widen the framing (zoom out {1 / zoom:.2f}x)." if zoom < 0.95 else "Keep the framing scale."),
-        camera=f"Rotate {abs(rot):.1f} degrees {'clockwise' if rot > 0 else 'counter-clockwise'} to level the horizon.",
-        position=f"Move the subject {'left' if dx > 0 else 'right'} by {abs(dx):.0%} of the width and "
-                 f"{'up' if dy > 0 else 'down'} by {abs(dy):.0%} of the height.",
-        pose="Keep the pose as it is.",
-        focus="Keep the focus on the subject.",
-        color="Keep the colours and lighting.",
-    )
-
-
-def pair_plan(poor, good, truth: dict) -> str:
-    """The measured teacher's plan when it can register the pair, else the truth's."""
-    try:
-        from aesformer.distill.measured import measure_pair, plan_from_measurement
-
-        m = measure_pair(poor, good)
-        if m.get("zoom") is not None:
-            return plan_from_measurement(m).render()
-    except Exception as e:  # noqa: BLE001 - a measurement failure only changes the plan's source
-        log.info("measured teacher unavailable for a sample pair (%s); using the known transform", e)
-    return truth_plan(truth).render()
-
-
-def build_sample_pairs(folder: Path, n: int, seed: int, size: int) -> Path:
-    """``n`` synthetic pairs from the sample photographs (resumable: done ids are kept)."""
-    import numpy as np
-
-    from aesformer.data import ShardWriter, make_pair, make_provenance
-    from aesformer.samples import sample_photos
-    from aesformer.synth import framing_pair
-
-    photos = sample_photos()
-    with ShardWriter(folder, shard_rows=64) as writer:
-        for i in range(n):
-            name, photo = photos[i % len(photos)]
-            pid = f"sample-{i:04d}-{name}"
-            if pid in writer:
-                continue
-            photo = photo.copy()
-            photo.thumbnail((size, size))
-            good, poor, truth = framing_pair(photo, np.random.default_rng(seed + i))
-            writer.write(make_pair(pid, poor, good, plan=pair_plan(poor, good, truth), split="train",
-                                   provenance=make_provenance("editor_lora")))
-    return folder
-
-
 def training_rows(data: str, split: Optional[str]) -> list[dict]:
     """(id, plan) of the rows that have a plan; plans that do not parse are kept as free text."""
     from aesformer.data import iter_pairs
@@ -186,27 +134,13 @@ def training_rows(data: str, split: Optional[str]) -> list[dict]:
 # ---------------------------------------------------------------------------
 # 1. Cache
 # ---------------------------------------------------------------------------
-def _with_keys(batch):
-    """Ray Data map: add the content key (and the normalised plan) to each pair."""
-    import pyarrow as pa
-
-    from aesformer.actors.editor_cache import content_key
-    from aesformer.pipeline import normalise_plan
-
-    rows = batch.to_pylist()
-    for r in rows:
-        r["plan"] = normalise_plan(r["plan"] or "")[0]
-        r["key"] = content_key(r["poor_image"], r["good_image"], r["plan"])
-    return pa.Table.from_pylist(rows)
-
-
 def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str]) -> tuple[dict, dict, dict]:
     """Encode the pairs in ``ids`` that the cache lacks. Returns ({id: cache
     entry}, stats {pairs, hits, encoded, hit_rate}, the cache folder's settings)."""
     from ray.data import ActorPoolStrategy
 
-    from aesformer.actors.editor_cache import (CacheEncoder, cache_index, content_key, encoder_settings,
-                                               settings_folder)
+    from aesformer.actors.editor_actors import CacheEncoder
+    from aesformer.editor_cache import cache_index, content_key, encoder_settings, settings_folder, with_keys
     from aesformer.data import iter_pairs, read_ray
     from aesformer.pipeline import normalise_plan
 
@@ -227,7 +161,7 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
     if missing:
         log.info("cache: encoding %d of %d pairs into %s", len(missing), len(id_keys), folder)
         todo = read_ray(data, columns=cols).filter(lambda r: r["id"] in missing).map_batches(
-            _with_keys, batch_format="pyarrow", batch_size=16)
+            with_keys, batch_format="pyarrow", batch_size=16)
         out = todo.map_batches(
             CacheEncoder, batch_format="pyarrow", batch_size=cfg.cache.batch_size,
             compute=ActorPoolStrategy(size=cfg.cache.pool_size),
@@ -249,63 +183,6 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
 # ---------------------------------------------------------------------------
 # 2. Training
 # ---------------------------------------------------------------------------
-def epoch_batches(entries: list[dict], batch_size: int, seed: int, epoch: int, world: int) -> list[list[list[dict]]]:
-    """This epoch's batches for every rank: shuffled with (seed, epoch), each
-    batch from one bucket (same target and control size), then dealt round
-    robin so every rank gets the same number of steps. Same arguments, same
-    plan on every rank, which makes resuming at a step exact (after an elastic
-    resize the remaining batches of the epoch are dealt anew, so an epoch may
-    then see a few pairs twice or miss a few)."""
-    order = list(entries)
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    open_batches: dict[tuple, list] = {}
-    batches = []
-    for e in order:
-        key = (e["target_w"], e["target_h"], e["control_w"], e["control_h"])
-        open_batches.setdefault(key, []).append(e)
-        if len(open_batches[key]) == batch_size:
-            batches.append(open_batches.pop(key))
-    batches.extend(b for b in open_batches.values() if b)  # the partial batch of each bucket
-    per_rank = len(batches) // world
-    return [batches[r:per_rank * world:world] for r in range(world)]
-
-
-class CacheReader:
-    """Reads single cached rows (one row per row group) from the shard files."""
-
-    def __init__(self):
-        self._files: dict = {}
-
-    def tensors(self, entry: dict) -> dict:
-        import pyarrow.parquet as pq
-
-        from aesformer.actors.editor_cache import load_tensors
-
-        f = self._files.get(entry["shard"])
-        if f is None:
-            f = self._files[entry["shard"]] = pq.ParquetFile(entry["shard"])
-        blob = f.read_row_group(entry["row"], columns=["tensors"]).column("tensors")[0].as_py()
-        return load_tensors(blob)
-
-
-def collate(rows: list[dict]):
-    """Stack a bucket's rows: packed target and control tokens, padded prompts with their mask."""
-    import torch
-
-    from aesformer.editor import pack_latents
-
-    target = pack_latents(torch.stack([r["target"] for r in rows]))
-    control = pack_latents(torch.stack([r["control"] for r in rows]))
-    lengths = [r["prompt"].shape[0] for r in rows]
-    n, dim = max(lengths), rows[0]["prompt"].shape[1]
-    prompt = torch.zeros(len(rows), n, dim, dtype=rows[0]["prompt"].dtype)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        prompt[i, : lengths[i]] = r["prompt"]
-        mask[i, : lengths[i]] = 1
-    return target, control, prompt, (None if bool(mask.all()) else mask)
-
-
 def _make_optimizer(name: str, params, lr: float, weight_decay: float, on_gpu: bool):
     import torch
 
@@ -375,9 +252,9 @@ def train_loop(config: dict) -> None:
         lora_state = {k.removeprefix("transformer."): v for k, v in lora_state.items()}
         set_peft_model_state_dict(transformer, lora_state)
         opt.load_state_dict(torch.load(Path(resume_dir) / "optimizer.pt", map_location=device))
-        state = json.loads((Path(resume_dir) / "state.json").read_text())
+        state = checkpoints.read_state(resume_dir)
         if rank == 0:
-            print(f"[editor_lora] resumed from {resume_dir} at step {state['step']}", flush=True)
+            log.info("resumed from %s at step %d", resume_dir, state["step"])
 
     entries = config["entries"]
     plan0 = epoch_batches(entries, config["batch_size"], config["seed"], 0, world)
@@ -402,7 +279,7 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 save_lora(transformer, Path(d) / "lora", base_model=config["editor_name"])
                 torch.save(opt.state_dict(), Path(d) / "optimizer.pt")
-                (Path(d) / "state.json").write_text(json.dumps(state))
+                checkpoints.write_state(d, state)
             ray.train.report({"step": state["step"], "loss": state["losses"][-1] if state["losses"] else None},
                              checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
@@ -448,10 +325,12 @@ def train_loop(config: dict) -> None:
                 for ti, li in zip(t.tolist(), per_sample.tolist()):
                     metrics[f"loss/{flow.timestep_bucket(ti)}"] = li
                 tracker.log_metrics(metrics, step=state["step"])
+            if rank == 0:
+                progress.report(config.get("progress"), state["step"], total, f"loss {float(value):.4f}")
             if rank == 0 and (state["step"] % config["log_every"] == 0 or state["step"] == total):
                 rate = (time.perf_counter() - t_start) / max(1, state["step"] - done_at_start)
-                print(f"[editor_lora] step {state['step']}/{total} loss {float(value):.4f} "
-                      f"{dt:.2f}s/step eta {rate * (total - state['step']):.0f}s", flush=True)
+                log.info("step %d/%d loss %.4f %.2fs/step eta %.0fs", state["step"], total, float(value), dt,
+                         rate * (total - state["step"]))
             if rank == 0 and renderer is not None and config["val_every"] and state["step"] % config["val_every"] == 0:
                 import ray as _ray
 
@@ -469,27 +348,6 @@ def train_loop(config: dict) -> None:
 
         _ray.get(renderer.render.remote(lora_cpu(), state["step"], "final"))
     save_checkpoint()
-
-
-def latest_checkpoint(storage: Path) -> Optional[str]:
-    """The checkpoint with the highest step under any earlier run in ``storage``."""
-    best, best_step = None, -1
-    for s in storage.glob("*/checkpoint_*/state.json"):
-        try:
-            step = json.loads(s.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue  # an unfinished checkpoint: skip it
-        if step > best_step or (step == best_step and s.stat().st_mtime > Path(best, "state.json").stat().st_mtime):
-            best, best_step = str(s.parent), step
-    return best
-
-
-def _num_workers(value: Any):
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ValueError(f"num_workers must be an int or [min, max], got {value}")
-        return (int(value[0]), int(value[1]))
-    return int(value)
 
 
 def model_card(cfg: EditorLoraConfig, stats: dict, n_pairs: int, steps: int, losses: list) -> str:
@@ -538,107 +396,108 @@ def validation_pairs(cfg: EditorLoraConfig, data: str, rows: list[dict]) -> list
     return sorted(pairs, key=lambda p: p["id"])
 
 
+def check_inputs(cfg: EditorLoraConfig) -> None:
+    if cfg.data is not None:
+        cfg.data = str(find_dataset(cfg.data))
+    checkpoints.check_resume(cfg.resume)
+    parse_workers(cfg.num_workers)
+
+
 def run(cfg: EditorLoraConfig) -> dict:
     """Cache, train, export; returns the LoRA path, the loss history and the cache stats."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aesformer.actors.editor_cache import ValidationRenderer
+    from aesformer.actors.editor_actors import ValidationRenderer
     from aesformer.models import resolve_model
 
     out = Path(cfg.output)
-    tracker = Tracker.start(cfg, "editor_lora")
-    with tracker.phase("ray_init"):
-        init_ray(cfg.ray)
-    editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
-    data = cfg.data
-    if data is None:
-        with tracker.phase("sample_data"):
-            data = str(build_sample_pairs(out / "sample_pairs", cfg.sample_pairs, cfg.seed, cfg.sample_size))
-    rows = training_rows(data, cfg.split)
-    if not rows:
-        raise ValueError(f"no pairs with a plan in {data} (split {cfg.split})")
+    with Tracker.start(cfg, "editor_lora") as tracker:
+        with tracker.phase("ray_init"):
+            init_ray(cfg.ray)
+        editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
+        data = str(find_dataset(cfg.data)) if cfg.data is not None else None
+        if data is None:
+            with tracker.phase("sample_data"):
+                data = str(sample_aesrecon(out / "sample_pairs", cfg.sample_pairs, cfg.seed, side=cfg.sample_size, job="editor_lora"))
+        rows = training_rows(data, cfg.split)
+        if not rows:
+            raise no_plans_error(data, "data", cfg.split)
 
-    # 1. cache
-    with tracker.phase("cache"):
-        entries, stats, _ = build_cache(cfg, editor_path, data, {r["id"] for r in rows})
-    tracker.log_metrics({"cache/hit_rate": stats["hit_rate"], "cache/encoded": stats["encoded"]})
-    train_entries = [entries[r["id"]] for r in rows if r["id"] in entries]
+        # 1. cache
+        with tracker.phase("cache"):
+            entries, stats, _ = build_cache(cfg, editor_path, data, {r["id"] for r in rows})
+        tracker.log_metrics({"cache/hit_rate": stats["hit_rate"], "cache/encoded": stats["encoded"]})
+        train_entries = [entries[r["id"]] for r in rows if r["id"] in entries]
 
-    val_pairs = validation_pairs(cfg, data, rows)
-    tracking = {"uri": tracker.uri, "run_id": tracker.run_id} if tracker.enabled else None
-    lora = asdict(cfg.lora)
-    renderer = None
-    if val_pairs:
-        renderer = ray.remote(ValidationRenderer).options(
-            num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus).remote(
-            editor_path, str(out / "validation"), val_pairs, control_area=cfg.control_area,
-            condition_area=cfg.condition_area, lora=lora, steps=cfg.validation.steps,
-            true_cfg_scale=cfg.validation.true_cfg_scale, negative_prompt=cfg.validation.negative_prompt,
-            seed=cfg.seed, device="cuda" if cfg.validation.num_gpus else "cpu", tracking=tracking,
-            editor_name=cfg.models.editor, offload=cfg.validation.offload,
-            dtype=cfg.dtype if cfg.validation.num_gpus else "float32")
+        val_pairs = validation_pairs(cfg, data, rows)
+        tracking = {"uri": tracker.uri, "run_id": tracker.run_id} if tracker.enabled else None
+        lora = asdict(cfg.lora)
+        renderer = None
+        if val_pairs:
+            renderer = ray.remote(ValidationRenderer).options(
+                num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus).remote(
+                editor_path, str(out / "validation"), val_pairs, control_area=cfg.control_area,
+                condition_area=cfg.condition_area, lora=lora, steps=cfg.validation.steps,
+                true_cfg_scale=cfg.validation.true_cfg_scale, negative_prompt=cfg.validation.negative_prompt,
+                seed=cfg.seed, device="cuda" if cfg.validation.num_gpus else "cpu", tracking=tracking,
+                editor_name=cfg.models.editor, offload=cfg.validation.offload,
+                dtype=cfg.dtype if cfg.validation.num_gpus else "float32")
 
-    # 2. train
-    storage = (out / "checkpoints").resolve()
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = latest_checkpoint(storage)
-    elif cfg.resume not in ("none", "", None):
-        resume_from = cfg.resume
-        if not Path(resume_from, "state.json").exists():
-            raise FileNotFoundError(f"resume={cfg.resume}: not a checkpoint folder (no state.json)")
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    loop_config = dict(
-        editor=editor_path, editor_name=cfg.models.editor, entries=train_entries, lora=lora,
-        seed=cfg.seed, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        warmup_steps=cfg.warmup_steps, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-        gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype, checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every, val_every=cfg.validation.every, renderer=renderer, tracking=tracking,
-        resume_from=resume_from,
-    )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=_num_workers(cfg.num_workers), use_gpu=cfg.use_gpu),
-        run_config=RunConfig(
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    with tracker.phase("train"):
-        result = trainer.fit()
-    log.info("phase seconds: %s", {k: round(v, 1) for k, v in tracker.timings.items()})
-    if result.checkpoint is None:
-        raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
+        # 2. train
+        storage = (out / "checkpoints").resolve()
+        found = checkpoints.resolve_resume(cfg.resume, storage, "*/checkpoint_*")
+        resume_from = str(found[0]) if found else None
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        steps = RemoteProgress("editor_lora", unit="steps")
+        loop_config = dict(
+            editor=editor_path, editor_name=cfg.models.editor, entries=train_entries, lora=lora,
+            seed=cfg.seed, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+            warmup_steps=cfg.warmup_steps, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+            gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype, checkpoint_every=cfg.checkpoint_every,
+            log_every=cfg.log_every, val_every=cfg.validation.every, renderer=renderer, tracking=tracking,
+            resume_from=resume_from, progress=steps.queue,
+        )
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=parse_workers(cfg.num_workers), use_gpu=cfg.use_gpu),
+            run_config=RunConfig(
+                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        )
+        with tracker.phase("train"), steps:
+            result = trainer.fit()
+        log.info("phase seconds: %s", {k: round(v, 1) for k, v in tracker.timings.items()})
+        if result.checkpoint is None:
+            raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
 
-    # 3. export
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "state.json").read_text())
-        lora_dir = out / "lora"
-        shutil.rmtree(lora_dir, ignore_errors=True)
-        shutil.copytree(Path(d) / "lora", lora_dir)
-    losses = state["losses"]
-    (lora_dir / "README.md").write_text(model_card(cfg, stats, len(train_entries), state["step"], losses))
-    (out / "losses.json").write_text(json.dumps(losses))
-    tracker.log_artifact(lora_dir, "lora")
-    summary = {"lora": str(lora_dir), "steps": state["step"], "losses": losses, "cache": stats,
-               "seconds_per_step": state.get("step_seconds", 0.0) / max(1, state["step"]),
-               "validation": str(out / "validation"), "data": data, "checkpoint": result.checkpoint.path,
-               "val_pairs": [{k: p[k] for k in ("id", "width", "height")} for p in val_pairs]}
-    if renderer is not None:
-        ray.kill(renderer)
-    tracker.finish()
+        # 3. export
+        with result.checkpoint.as_directory() as d:
+            state = checkpoints.read_state(d)
+            lora_dir = out / "lora"
+            shutil.rmtree(lora_dir, ignore_errors=True)
+            shutil.copytree(Path(d) / "lora", lora_dir)
+        losses = state["losses"]
+        (lora_dir / "README.md").write_text(model_card(cfg, stats, len(train_entries), state["step"], losses))
+        (out / "losses.json").write_text(json.dumps(losses))
+        tracker.log_artifact(lora_dir, "lora")
+        summary = {"lora": str(lora_dir), "steps": state["step"], "losses": losses, "cache": stats,
+                   "seconds_per_step": state.get("step_seconds", 0.0) / max(1, state["step"]),
+                   "validation": str(out / "validation"), "data": data, "checkpoint": result.checkpoint.path,
+                   "val_pairs": [{k: p[k] for k in ("id", "width", "height")} for p in val_pairs]}
+        if renderer is not None:
+            ray.kill(renderer)
     log.info("exported the LoRA to %s after %d steps (loss %.4f → %.4f)", lora_dir, state["step"],
              sum(losses[:10]) / max(1, len(losses[:10])), sum(losses[-10:]) / max(1, len(losses[-10:])))
     return summary
 
 
 def main(argv=None) -> dict:
-    cfg = setup(EditorLoraConfig, "editor_lora", argv)
-    return run(cfg)
+    return run_job(EditorLoraConfig, "editor_lora", run, argv, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ if __package__ in (None, ""):
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,12 @@ import numpy as np
 
 from aesformer.cluster import init_ray
 from aesformer.config import ConfigError, JobConfig
-from aesformer.job import setup
+from aesformer.job import run_job
+from aesformer.progress import DETAIL, Progress
+from aesformer.synth import sample_aesrecon
+from aesformer import checkpoints
+from aesformer.atomic import write_dir, write_json
+from aesformer.data import find_dataset, no_plans_error
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("grpo_a")
@@ -131,7 +134,7 @@ class GrpoAConfig(JobConfig):
     val_top_p: float = 0.95
     checkpoint_every: int = 5
     keep_checkpoints: int = 2
-    resume: str = "never"  # never | auto | <checkpoint folder>
+    resume: str = "auto"  # auto | never | <checkpoint folder>
     stop_after: Optional[int] = None  # end this run after k steps (resume=auto continues)
     export_model: bool = True  # write the final policy to <output>/model
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -141,7 +144,7 @@ class GrpoAConfig(JobConfig):
 
 
 def check_config(cfg: GrpoAConfig) -> None:
-    from aesformer.actors.reward import ALIGNMENT_MODES
+    from aesformer.rewards import ALIGNMENT_MODES
     from aesformer.grpo import AGG_MODES, KL_KINDS
 
     if cfg.prompts_per_step < 1 or cfg.prompts_per_update < 1:
@@ -159,43 +162,19 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError(f"learner.kl_estimator must be one of {', '.join(KL_KINDS)}")
     if cfg.rollout.n < 2:
         raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
-    if cfg.resume not in ("never", "auto") and not Path(cfg.resume).expanduser().is_dir():
-        raise ConfigError(f"resume must be never, auto or a checkpoint folder; '{cfg.resume}' is none of these")
+    checkpoints.check_resume(cfg.resume)
+
+
+def check_inputs(cfg: GrpoAConfig) -> None:
+    """What can be checked before anything starts: the config, and the data folder."""
+    check_config(cfg)
+    if cfg.data is not None:
+        cfg.data = str(find_dataset(cfg.data))
+    elif cfg.profile != "tiny":
+        raise ConfigError("data= is required: the AesRecon folder to train on")
 
 
 # -- data ---------------------------------------------------------------------------------
-
-def build_default_data(folder: Path, seed: int, per_photo: int = 2, side: int = 128) -> Path:
-    """A small AesRecon from the sample photographs: synthetic poor framings
-    (``aesformer.synth``) of each photo with the plan measured from the
-    transform's ground truth, ~1/4 held out as test. Reused when present."""
-    from aesformer.data import ShardWriter, assign_split, finished_shards, make_pair
-    from aesformer.distill.measured import plan_from_measurement
-    from aesformer.samples import sample_photos
-    from aesformer.synth import poor_framing
-
-    if finished_shards(folder):
-        return folder
-    rng = np.random.default_rng(seed)
-    rows = []
-    for name, photo in sample_photos():
-        scale = side / max(photo.size)
-        good = photo.resize((max(8, int(photo.width * scale)), max(8, int(photo.height * scale))))
-        for k in range(per_photo):
-            poor, truth = poor_framing(good, rng)
-            # geometry is known exactly; the synthetic flaw leaves tone and sharpness alone
-            measured = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "temperature": 0.0,
-                        "sharpness": 0.0, **truth}
-            rows.append(dict(id=f"{name}-{k}", poor=poor, good=good, plan=plan_from_measurement(measured),
-                             video_id=f"sample-{name}"))
-    split = assign_split([r["id"] for r in rows], test_size=0.25)
-    with ShardWriter(folder, shard_rows=64) as writer:
-        for r in rows:
-            writer.write(make_pair(r["id"], r["poor"], r["good"], plan=r["plan"], video_id=r["video_id"],
-                                   split=split[r["id"]]))
-    log.info("built a default AesRecon of %d pairs in %s", len(rows), folder)
-    return folder
-
 
 class Prompts:
     """The prompts of one split: ids in a seeded order per epoch, images read
@@ -277,34 +256,12 @@ def prepare_policy(path: str, out: Path) -> str:
     log.info("the init policy lacks the plan tokens: adding them (copy in %s)", out)
     model, processor = load_vlm(path)
     add_plan_tokens(model, processor)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(str(tmp))
-    processor.save_pretrained(str(tmp))
-    os.replace(tmp, out)
-    return str(out)
 
+    def save(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
 
-# -- checkpoints ------------------------------------------------------------------------------
-
-STATE_FILE = "trainer_state.json"
-
-
-def newest_checkpoint(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint (its state file is written last)."""
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
-    return done[-1] if done else None
-
-
-def prune_checkpoints(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    return str(write_dir(out, save))
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -336,7 +293,8 @@ class Trainer:
         from aesformer.actors.learner import LearnerWorker
         from aesformer.actors.pool import ActorPool
         from aesformer.actors.reference import ReferenceWorker
-        from aesformer.actors.reward import RewardWorker, needs_judge
+        from aesformer.actors.reward import RewardWorker
+        from aesformer.rewards import needs_judge
         from aesformer.actors.rollout import RolloutWorker
 
         cfg = self.cfg
@@ -524,15 +482,13 @@ def run(cfg: GrpoAConfig) -> dict:
     if cfg.data is None:
         if cfg.profile != "tiny":
             raise ConfigError("data= is required: the AesRecon folder to train on")
-        data = build_default_data(out / "data", cfg.seed)
+        data = sample_aesrecon(out / "data", 12, cfg.seed, test_fraction=0.25, job="grpo_a")
     else:
-        data = Path(cfg.data).expanduser()
-        if not data.is_dir():
-            raise ConfigError(f"data='{cfg.data}' is not a folder")
+        data = find_dataset(cfg.data)
     instruction = thinker_instruction(cfg.instruction)
     train = Prompts(data, "train", cfg.seed, instruction, out / "quarantine.jsonl")
     if not len(train):
-        raise ConfigError(f"data='{data}' has no train pairs with a plan")
+        raise no_plans_error(data, "data", "train")
     val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl")
     policy = prepare_policy(resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir,
                                           "init" if cfg.init else "models.thinker"), out / "init_policy")
@@ -542,13 +498,10 @@ def run(cfg: GrpoAConfig) -> dict:
 
     # where to start
     start_step, position, rng_state, resume_dir = 1, 0, None, None
-    if cfg.resume == "auto":
-        resume_dir = newest_checkpoint(ckpt_root)
-    elif cfg.resume != "never":
-        resume_dir = Path(cfg.resume).expanduser()
     state: dict = {}
-    if resume_dir is not None:
-        state = json.loads((resume_dir / STATE_FILE).read_text())
+    found = checkpoints.resolve_resume(cfg.resume, ckpt_root, "step-*")
+    if found is not None:
+        resume_dir, state = found
         start_step, position, rng_state = state["step"] + 1, state["data_position"], state["rng"]
     rng = np.random.default_rng(cfg.seed)
     if rng_state is not None:
@@ -565,7 +518,6 @@ def run(cfg: GrpoAConfig) -> dict:
         kept = [line for line in steps_path.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
         steps_path.write_text("".join(line + "\n" for line in kept))
     steps_log = open(steps_path, "a")
-    status = "FAILED"
     trainer = None
     try:
         trainer = Trainer(cfg, policy, judge)
@@ -582,6 +534,7 @@ def run(cfg: GrpoAConfig) -> dict:
         last: dict = {}
         run_steps, last_step = 0, start_step - 1
         t_run = time.perf_counter()
+        steps_bar = Progress("grpo_a", total_steps, "steps", start=start_step - 1)
         for step in range(start_step, total_steps + 1):
             t_step = time.perf_counter()
             ids = train.take(position, cfg.prompts_per_step)
@@ -622,7 +575,8 @@ def run(cfg: GrpoAConfig) -> dict:
             eta = (time.perf_counter() - t_run) / (run_steps + 1) * (total_steps - step)
             log.info("step %d/%d reward %.3f format %.2f kl %.4f mismatch %.2e step %.1fs (eta %.0fs)", step,
                      total_steps, metrics["reward_mean"], metrics["format_rate"], metrics["kl"],
-                     metrics["logprob_mismatch"], times["step"], eta)
+                     metrics["logprob_mismatch"], times["step"], eta, extra=DETAIL)
+            steps_bar.set(step, f"reward {metrics['reward_mean']:.3f}")
             last = metrics
             run_steps += 1
             stopping = cfg.stop_after is not None and run_steps >= cfg.stop_after
@@ -631,35 +585,37 @@ def run(cfg: GrpoAConfig) -> dict:
                 folder = ckpt_root / f"step-{step:06d}"
                 ray.get(trainer.learner.call_all("save", str(folder), {"step": step}))
                 checksum = ray.get(trainer.learner.call_all("checksum"))[0]
-                write_json_atomic(folder / STATE_FILE, {
+                checkpoints.write_state(folder, {
                     "step": step, "data_position": position, "rng": rng.bit_generator.state,
                     "weights_sha256": checksum, "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
                     "total_steps": total_steps, "time": time.time()})
-                prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
+                checkpoints.prune(ckpt_root, "step-*", cfg.keep_checkpoints)
                 result.update(checkpoint=str(folder), checkpoint_weights_sha256=checksum)
                 tracker.log_metrics({"time/checkpoint": time.perf_counter() - t}, step=step)
             if stopping:
                 log.info("stopping after %d steps of this run (stop_after); resume=auto continues at step %d",
                          run_steps, step + 1)
                 break
+        steps_bar.close()
         finished = last_step == total_steps
         if cfg.export_model and finished:
             result["model"] = ray.get(trainer.learner.call_all("export", str(out / "model")))[0]
         result.update(steps=run_steps, last_step=last_step, total_steps=total_steps,
                       metrics=last, finished=finished, restarts=sum(p.restarts for p in trainer.pools))
-        write_json_atomic(out / "result.json", {k: v for k, v in result.items()})
-        status = "FINISHED"
+        write_json(out / "result.json", {k: v for k, v in result.items()})
+        tracker.close()
         return result
+    except BaseException as error:
+        tracker.close(error)
+        raise
     finally:
         steps_log.close()
         if trainer is not None:
             trainer.shutdown()
-        tracker.finish(status)
 
 
 def main(argv=None) -> dict:
-    cfg = setup(GrpoAConfig, "grpo_a", argv)
-    return run(cfg)
+    return run_job(GrpoAConfig, "grpo_a", run, argv, check=check_inputs)
 
 
 if __name__ == "__main__":

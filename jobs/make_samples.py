@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from aesformer.config import JobConfig
-from aesformer.job import setup
+from aesformer.job import run_job
 
 log = logging.getLogger("make_samples")
 
@@ -62,8 +62,7 @@ def run(cfg: MakeSamplesConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = setup(MakeSamplesConfig, "make_samples", argv)
-    return run(cfg)
+    return run_job(MakeSamplesConfig, "make_samples", run, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aesformer.config import JobConfig
-from aesformer.job import setup
+from aesformer.job import run_job
 
 log = logging.getLogger("make_tiny")
 
@@ -56,8 +56,7 @@ def run(cfg: MakeTinyConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = setup(MakeTinyConfig, "make_tiny", argv)
-    return run(cfg)
+    return run_job(MakeTinyConfig, "make_tiny", run, argv)
 
 
 if __name__ == "__main__":

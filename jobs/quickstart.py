@@ -20,10 +20,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aesformer.cluster import init_ray
-from aesformer.config import JobConfig
-from aesformer.job import setup
+from aesformer.config import ConfigError, JobConfig
+from aesformer.job import run_job, setup_logging
 from aesformer.tracking import default_uri
 
 log = logging.getLogger("quickstart")
@@ -45,16 +46,21 @@ def _common(cfg: QuickstartConfig, stage: str) -> list[str]:
     uri = cfg.tracking.uri or default_uri(cfg.output)
     args = [f"output={Path(cfg.output) / stage}", f"profile={cfg.profile}", f"seed={cfg.seed}",
             f"tracking.uri={uri}", f"tracking.enabled={str(cfg.tracking.enabled).lower()}",
-            f"tracking.experiment={cfg.tracking.experiment}", f"models.cache_dir={cfg.models.cache_dir}"]
+            f"tracking.experiment={cfg.tracking.experiment}", f"models.cache_dir={cfg.models.cache_dir}",
+            f"log_level={cfg.log_level}"]
     if cfg.ray.address:
         args.append(f"ray.address={cfg.ray.address}")
     return args
 
 
-def run(cfg: QuickstartConfig) -> dict:
+def check_stages(cfg: QuickstartConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
-        raise SystemExit(f"quickstart: unknown stage(s) {unknown}; stages are {STAGES}")
+        raise ConfigError(f"unknown stage(s) {', '.join(map(str, unknown))}; stages are {', '.join(STAGES)}")
+
+
+def run(cfg: QuickstartConfig) -> dict:
+    check_stages(cfg)
     out = Path(cfg.output)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
@@ -63,11 +69,12 @@ def run(cfg: QuickstartConfig) -> dict:
     def stage(name: str, fn, *extra: str) -> dict:
         if name not in cfg.stages:
             return {}
-        log.info("━━ stage %s", name)
+        log.info("stage %s", name)
         t0 = time.perf_counter()
         results[name] = fn(_common(cfg, name) + list(extra)) or {}
+        setup_logging(cfg.log_level, out / "logs" / "quickstart.log")  # the stage had its own log file
         timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("━━ stage %s done in %.1fs", name, timings[name])
+        log.info("stage %s done in %.1fs", name, timings[name])
         return results[name]
 
     from aesformer.tiny import ensure_tiny_models
@@ -109,25 +116,59 @@ def run(cfg: QuickstartConfig) -> dict:
     return summary
 
 
+def _stage_line(name: str, res: dict) -> tuple[str, str]:
+    """(what the stage produced, where it lies) in a few words."""
+    def count(value: Any) -> Any:
+        return len(value) if isinstance(value, (list, tuple, dict)) else value
+
+    if name == "models":
+        return f"{len(res)} tiny models", str(Path(next(iter(res.values()))).parent) if res else ""
+    if name == "samples":
+        return f"{count(res.get('videos'))} tutorial videos", res.get("videos_dir", "")
+    if name == "vcmp":
+        return f"{res.get('pairs')} pairs from {res.get('finished_videos')} videos", res.get("dataset", "")
+    if name == "distill":
+        summary = res.get("summary") or {}
+        return f"{summary.get('accepted')} plans accepted", res.get("dataset", "")
+    if name == "sft":
+        return f"{res.get('step')} steps", res.get("export") or res.get("checkpoint", "")
+    if name == "grpo_a":
+        reward = (res.get("metrics") or {}).get("reward_mean")
+        return (f"{res.get('last_step')} steps" + (f", reward {reward:.3f}" if reward is not None else ""),
+                res.get("model") or res.get("checkpoint", ""))
+    if name == "editor_lora":
+        losses = res.get("losses") or []
+        first, last = (sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])) if losses else (0, 0)
+        return f"{res.get('steps')} steps, loss {first:.2f} → {last:.2f}", res.get("lora", "")
+    if name == "reconstruct":
+        return f"{res.get('ok')} photos reconstructed", str(Path(res.get("output", "")) / "images")
+    return "", str(res.get("output", ""))
+
+
 def _where_things_are(cfg: QuickstartConfig, results: dict, timings: dict) -> str:
     out = Path(cfg.output).resolve()
     uri = cfg.tracking.uri or default_uri(out)
-    lines = ["", "AesFormer quickstart finished in %.0fs. Where things are:" % sum(timings.values())]
+    lines = ["", f"AesFormer quickstart finished in {sum(timings.values()):.0f}s.", ""]
     for name, res in results.items():
-        lines.append(f"  {name} ({timings.get(name, 0):.0f}s)")
-        for key, value in res.items():
-            if isinstance(value, (str, int, float)) and key != "output":
-                lines.append(f"      {key}: {value}")
-    lines += ["",
-              f"  Every run is in MLflow: mlflow ui --backend-store-uri {uri}",
-              f"  Resolved configs: {out}/<stage>/config.yaml",
-              f"  This summary: {out}/quickstart.json", ""]
-    return "\n".join(lines)
+        what, where = _stage_line(name, res)
+        lines.append(f"  {name:<12} {timings.get(name, 0):>5.0f}s  {what:<34} {where}")
+    first = [("the mined pairs", results.get("vcmp", {}).get("contact_sheet")),
+             ("the reconstructions", results.get("reconstruct", {}).get("contact_sheet"))]
+    plans = out / "reconstruct" / "plans"
+    plan = next(iter(sorted(plans.glob("*.txt"))), None) if plans.is_dir() else None
+    first.append(("a plan the thinker wrote", str(plan) if plan else None))
+    lines += ["", "Open first:"]
+    lines += [f"  {label + ':':<26} {path}" for label, path in first if path]
+    lines += [f"  {'every run, in MLflow:':<26} mlflow ui --backend-store-uri {uri}",
+              f"  {'logs and configs:':<26} {out}/<stage>/logs/, {out}/<stage>/config.yaml"]
+    if cfg.profile == "tiny":
+        lines += ["", "The tiny profile's models are small and random by design: the run proves the pipeline, not",
+                  "the pictures. The tiny editor paints noise; profile=a40 uses the paper's models."]
+    return "\n".join(lines + [""])
 
 
 def main(argv=None) -> dict:
-    cfg = setup(QuickstartConfig, "quickstart", argv)
-    return run(cfg)
+    return run_job(QuickstartConfig, "quickstart", run, argv, check=check_stages)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 from aesformer.cluster import init_ray
-from aesformer.config import JobConfig
-from aesformer.job import setup
+from aesformer.config import ConfigError, JobConfig
+from aesformer.job import run_job
+from aesformer.progress import DETAIL, Progress
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("reconstruct")
@@ -82,6 +83,12 @@ class ReconstructConfig(JobConfig):
     editor: EditorSettings = field(default_factory=EditorSettings)
 
 
+def check_inputs(cfg: ReconstructConfig) -> None:
+    if cfg.input is not None and not Path(cfg.input).expanduser().exists():
+        raise ConfigError(f"input='{cfg.input}' does not exist: pass a photo, a folder of photos or an AesRecon "
+                          "folder")
+
+
 def list_inputs(cfg: ReconstructConfig) -> list[dict]:
     """[{name, source | data}] of the input photos, in a stable order."""
     from aesformer.data import finished_shards, iter_pairs
@@ -98,7 +105,7 @@ def list_inputs(cfg: ReconstructConfig) -> list[dict]:
     else:
         src = Path(cfg.input).expanduser()
         if not src.exists():
-            raise FileNotFoundError(f"input '{cfg.input}' does not exist")
+            check_inputs(cfg)
     if src.is_dir() and finished_shards(src):
         items = [{"name": _safe(r["id"]), "source": None, "data": r["poor_image"]}
                  for r in iter_pairs(src, ["id", "poor_image"], split=cfg.split)]
@@ -162,76 +169,76 @@ def run(cfg: ReconstructConfig) -> dict:
     from aesformer.models import resolve_model
 
     out = Path(cfg.output)
-    tracker = Tracker.start(cfg, "reconstruct")
-    init_ray(cfg.ray)
-    items = list_inputs(cfg)
-    done_before = finished(out)
-    todo = [it for it in items if it["name"] not in done_before]
-    log.info("%d photos: %d done earlier, %d to reconstruct", len(items), len(items) - len(todo), len(todo))
-    t0 = time.perf_counter()
-    new: list[dict] = []
-    if todo:
-        thinker_path = resolve_model(cfg.models.thinker, cfg.models.cache_dir, "models.thinker")
-        editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
-        th, ed = cfg.thinker, cfg.editor
-        engine_options = dict(dtype=th.dtype if th.num_gpus else "float32", max_pixels=th.max_pixels,
-                              batch_size=th.batch_size)
-        if th.engine != "hf" and th.num_gpus:
-            engine_options = dict(dtype=th.dtype, max_pixels=th.max_pixels, tensor_parallel_size=th.tensor_parallel,
-                                  seed=cfg.seed)
-        ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 64))
-        ds = ds.map(load_photo, fn_kwargs=dict(min_side=cfg.min_side, max_pixels=cfg.max_pixels,
-                                               max_input_pixels=cfg.max_input_pixels))
-        ds = ds.map_batches(
-            ThinkerPool, batch_format="pyarrow", batch_size=th.batch_size,
-            compute=ActorPoolStrategy(size=th.pool), num_gpus=th.num_gpus * th.tensor_parallel, num_cpus=th.num_cpus,
-            fn_constructor_kwargs=dict(model_path=thinker_path, engine=th.engine, engine_options=engine_options,
-                                       sampling=dict(temperature=th.temperature, top_p=th.top_p,
-                                                     max_tokens=th.max_tokens),
-                                       instruction=th.instruction, seed=cfg.seed))
-        ds = ds.map_batches(
-            EditorPool, batch_format="pyarrow", batch_size=ed.batch_size,
-            compute=ActorPoolStrategy(size=ed.pool), num_gpus=ed.num_gpus, num_cpus=ed.num_cpus,
-            fn_constructor_kwargs=dict(editor_path=editor_path, out_dir=str(out), lora=cfg.lora,
-                                       control_area=ed.control_area, condition_area=ed.condition_area,
-                                       output_area=ed.output_area, steps=ed.steps, true_cfg_scale=ed.true_cfg_scale,
-                                       negative_prompt=ed.negative_prompt,
-                                       dtype=ed.dtype if ed.num_gpus else "float32",
-                                       device="cuda" if ed.num_gpus else "cpu", seed=cfg.seed,
-                                       height=ed.height, width=ed.width, editor_name=cfg.models.editor,
-                                       offload=ed.offload))
-        for rec in ds.iter_rows():
-            new.append(rec)
-            status = rec["status"] if rec["status"] == "ok" else f"{rec['status']} ({rec['reason']})"
-            log.info("[%d/%d] %s: %s", len(new), len(todo), rec["name"], status)
-    seconds = time.perf_counter() - t0
-    done = finished(out)
-    skipped = [r for r in done.values() if r["status"] == "skipped"]
-    with open(out / "skipped.jsonl", "w") as f:
-        for r in sorted(skipped, key=lambda r: r["name"]):
-            f.write(json.dumps({"name": r["name"], "reason": r["reason"]}) + "\n")
-    sheet = write_contact_sheet(items, done, out / "contact_sheet.png", cfg.contact_sheet_max)
-    ok = [r for r in done.values() if r["status"] == "ok"]
-    made = [r for r in new if r["status"] == "ok"]
-    summary = {
-        "output": str(out), "photos": len(items), "resumed": len(items) - len(todo), "reconstructed": len(made),
-        "ok": len(ok), "skipped": len(skipped), "contact_sheet": str(sheet) if sheet else None,
-        "images": sorted(r["image"] for r in ok), "seconds": seconds,
-        "seconds_per_image": seconds / len(made) if made else None,
-        "unparsed_plans": sum(1 for r in made if not r["plan_parsed"]),
-    }
-    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
-    if sheet:
-        tracker.log_artifact(sheet)
-    tracker.finish()
+    with Tracker.start(cfg, "reconstruct") as tracker:
+        init_ray(cfg.ray)
+        items = list_inputs(cfg)
+        done_before = finished(out)
+        todo = [it for it in items if it["name"] not in done_before]
+        log.info("%d photos: %d done earlier, %d to reconstruct", len(items), len(items) - len(todo), len(todo))
+        t0 = time.perf_counter()
+        new: list[dict] = []
+        if todo:
+            thinker_path = resolve_model(cfg.models.thinker, cfg.models.cache_dir, "models.thinker")
+            editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
+            th, ed = cfg.thinker, cfg.editor
+            engine_options = dict(dtype=th.dtype if th.num_gpus else "float32", max_pixels=th.max_pixels,
+                                  batch_size=th.batch_size)
+            if th.engine != "hf" and th.num_gpus:
+                engine_options = dict(dtype=th.dtype, max_pixels=th.max_pixels, tensor_parallel_size=th.tensor_parallel,
+                                      seed=cfg.seed)
+            ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 64))
+            ds = ds.map(load_photo, fn_kwargs=dict(min_side=cfg.min_side, max_pixels=cfg.max_pixels,
+                                                   max_input_pixels=cfg.max_input_pixels))
+            ds = ds.map_batches(
+                ThinkerPool, batch_format="pyarrow", batch_size=th.batch_size,
+                compute=ActorPoolStrategy(size=th.pool), num_gpus=th.num_gpus * th.tensor_parallel, num_cpus=th.num_cpus,
+                fn_constructor_kwargs=dict(model_path=thinker_path, engine=th.engine, engine_options=engine_options,
+                                           sampling=dict(temperature=th.temperature, top_p=th.top_p,
+                                                         max_tokens=th.max_tokens),
+                                           instruction=th.instruction, seed=cfg.seed))
+            ds = ds.map_batches(
+                EditorPool, batch_format="pyarrow", batch_size=ed.batch_size,
+                compute=ActorPoolStrategy(size=ed.pool), num_gpus=ed.num_gpus, num_cpus=ed.num_cpus,
+                fn_constructor_kwargs=dict(editor_path=editor_path, out_dir=str(out), lora=cfg.lora,
+                                           control_area=ed.control_area, condition_area=ed.condition_area,
+                                           output_area=ed.output_area, steps=ed.steps, true_cfg_scale=ed.true_cfg_scale,
+                                           negative_prompt=ed.negative_prompt,
+                                           dtype=ed.dtype if ed.num_gpus else "float32",
+                                           device="cuda" if ed.num_gpus else "cpu", seed=cfg.seed,
+                                           height=ed.height, width=ed.width, editor_name=cfg.models.editor,
+                                           offload=ed.offload))
+            with Progress("reconstruct", len(todo), "photos") as photos:
+                for rec in ds.iter_rows():
+                    new.append(rec)
+                    status = rec["status"] if rec["status"] == "ok" else f"{rec['status']} ({rec['reason']})"
+                    log.info("[%d/%d] %s: %s", len(new), len(todo), rec["name"], status, extra=DETAIL)
+                    photos.update(1)
+        seconds = time.perf_counter() - t0
+        done = finished(out)
+        skipped = [r for r in done.values() if r["status"] == "skipped"]
+        with open(out / "skipped.jsonl", "w") as f:
+            for r in sorted(skipped, key=lambda r: r["name"]):
+                f.write(json.dumps({"name": r["name"], "reason": r["reason"]}) + "\n")
+        sheet = write_contact_sheet(items, done, out / "contact_sheet.png", cfg.contact_sheet_max)
+        ok = [r for r in done.values() if r["status"] == "ok"]
+        made = [r for r in new if r["status"] == "ok"]
+        summary = {
+            "output": str(out), "photos": len(items), "resumed": len(items) - len(todo), "reconstructed": len(made),
+            "ok": len(ok), "skipped": len(skipped), "contact_sheet": str(sheet) if sheet else None,
+            "images": sorted(r["image"] for r in ok), "seconds": seconds,
+            "seconds_per_image": seconds / len(made) if made else None,
+            "unparsed_plans": sum(1 for r in made if not r["plan_parsed"]),
+        }
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+        if sheet:
+            tracker.log_artifact(sheet)
     log.info("reconstructed %d photos (%d skipped, %d done earlier) into %s", len(made), len(skipped),
              summary["resumed"], out)
     return summary
 
 
 def main(argv=None) -> dict:
-    cfg = setup(ReconstructConfig, "reconstruct", argv)
-    return run(cfg)
+    return run_job(ReconstructConfig, "reconstruct", run, argv, check=check_inputs)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ from typing import Any, Optional
 import pyarrow.compute as pc
 
 from aesformer.cluster import init_ray
-from aesformer.config import ConfigError, JobConfig
-from aesformer.job import setup
+from aesformer import checkpoints, progress
+from aesformer.progress import RemoteProgress
+from aesformer.config import ConfigError, JobConfig, parse_workers
+from aesformer.data import no_plans_error
+from aesformer.job import run_job
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("sft")
@@ -158,7 +161,7 @@ def train_loop_per_worker(loop: dict) -> None:
     restored: Optional[dict] = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            restored = sft.read_trainer_state(folder)
+            restored = checkpoints.read_state(folder)
             if restored is not None and restored.get("world_size") != world:
                 # ZeRO partitions reload only on the world size that wrote them;
                 # the adapter does not care (the optimizer moments restart).
@@ -224,7 +227,7 @@ def train_loop_per_worker(loop: dict) -> None:
             if rank == 0:
                 sft.save_adapter(engine.module, processor, folder / sft.ADAPTER_DIR)
         if rank == 0:
-            sft.write_trainer_state(folder, state)
+            checkpoints.write_state(folder, state)
         ray.train.report({**metrics, "step": step, "done": done},
                          checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                          checkpoint_dir_name=f"checkpoint-{step:07d}")
@@ -285,6 +288,8 @@ def train_loop_per_worker(loop: dict) -> None:
         if sample_log is not None:
             sample_log.write(json.dumps({"step": step, "rank": rank, "ids": step_ids}) + "\n")
             sample_log.flush()
+        if rank == 0:
+            progress.report(loop.get("progress"), step, plan.total_steps, f"loss {metrics['train/loss']:.4f}")
         if rank == 0 and (step % max(1, cfg.log_every) == 0 or step == plan.total_steps):
             per_step = (time.perf_counter() - t_start) / (step - start_step)
             log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %.0f tok/s  eta %.0fs", step, plan.total_steps,
@@ -310,24 +315,14 @@ def train_loop_per_worker(loop: dict) -> None:
 # ---------------------------------------------------------------------------
 # The driver.
 # ---------------------------------------------------------------------------
-def _num_workers(value: Any) -> int | tuple[int, int]:
-    """An int, or (min, max) for elastic training."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or not all(isinstance(v, int) for v in value) or not 1 <= value[0] <= value[1]:
-            raise ConfigError(f"num_workers as a range must be [min, max] with 1 <= min <= max, got {list(value)}")
-        return (value[0], value[1]) if value[0] != value[1] else value[0]
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"num_workers must be a positive number or [min, max], got {value!r}")
-    return value
-
-
 def _check(cfg: SFTConfig) -> None:
     from aesformer.sft import SCHEDULES
 
-    if not cfg.data:
-        raise ConfigError("data= is required: an AesRecon Parquet folder with plans (the distillation output)")
-    if not Path(cfg.data).expanduser().is_dir():
-        raise ConfigError(f"data folder '{cfg.data}' does not exist")
+    from aesformer.data import find_dataset
+
+    cfg.data = str(find_dataset(cfg.data))
+    checkpoints.check_resume(cfg.resume)
+    parse_workers(cfg.num_workers)
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     for key in ("epochs", "micro_batch", "grad_accum", "cutoff", "checkpoint_every", "keep_checkpoints"):
@@ -380,32 +375,24 @@ def choose_start(cfg: SFTConfig) -> tuple[str, Optional[str], Optional[dict]]:
     A rerun keeps the run name of the checkpoint it continues, so Ray Train's
     own record of that run (and its checkpoint retention) carries on.
     """
-    from aesformer.sft import newest_checkpoint, read_trainer_state
+    from aesformer.ds import CHECKPOINT_TAG
 
     root = Path(cfg.output) / "ray"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if cfg.resume == "auto":
-        newest = newest_checkpoint(root)
-        if newest is None:
-            fresh = not (root / cfg.run_name).exists()
-            return (cfg.run_name if fresh else f"{cfg.run_name}-{stamp}"), None, None
-        folder, state = newest
-        return folder.parent.name, str(folder), state
-    if cfg.resume == "never":
-        return (cfg.run_name if not (root / cfg.run_name).exists() else f"{cfg.run_name}-{stamp}"), None, None
-    folder = Path(cfg.resume).expanduser().resolve()
-    state = read_trainer_state(folder)
-    if state is None:
-        raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder of this job (no trainer_state.json); "
-                          "use resume=auto, resume=never or a checkpoint-* folder under <output>/ray/")
-    return f"{cfg.run_name}-{stamp}", str(folder), state
+    fresh_name = cfg.run_name if not (root / cfg.run_name).exists() else f"{cfg.run_name}-{stamp}"
+    found = checkpoints.resolve_resume(cfg.resume, root, "*/*", required=CHECKPOINT_TAG)
+    if found is None:
+        return fresh_name, None, None
+    folder, state = found
+    # resume=auto continues the run it found; an explicit folder starts a new run name
+    return (folder.parent.name if cfg.resume == "auto" else f"{cfg.run_name}-{stamp}"), str(folder), state
 
 
 def run(cfg: SFTConfig) -> dict:
     """Train, export, and return the paths (``merged``: GRPO-A's starting
     policy) with the run's key figures."""
     _check(cfg)
-    workers = _num_workers(cfg.num_workers)
+    workers = parse_workers(cfg.num_workers)
     ray = init_ray(cfg.ray)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -414,23 +401,22 @@ def run(cfg: SFTConfig) -> dict:
     from aesformer import sft
     from aesformer.models import resolve_model
 
-    tracker = Tracker.start(cfg, "sft")
-    try:
+    with Tracker.start(cfg, "sft") as tracker:
         model_path = resolve_model(cfg.models.thinker, cfg.models.cache_dir, "models.thinker")
         rows, split = training_rows(cfg)
         if rows == 0:
-            raise ConfigError(f"no rows with a plan in {cfg.data}" + (f" (split={split}; set split=null to "
-                                                                        "use every row)" if split else ""))
+            raise no_plans_error(cfg.data, "data", split)
         run_name, resume_from, state = choose_start(cfg)
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         log.info("%d training rows; run '%s'%s", rows, run_name, f", resuming from {resume_from}" if resume_from else "")
 
         final = Path(resume_from) if state and state.get("done") else None
         if final is None:
+            steps = RemoteProgress("sft", unit="steps")
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"cfg": cfg, "rows": rows, "resume_from": resume_from, "model_path": model_path,
-                                   "tracking": (tracker.uri, tracker.run_id)},
+                                   "tracking": (tracker.uri, tracker.run_id), "progress": steps.queue},
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                              resources_per_worker={"CPU": cfg.cpus_per_worker}),
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -442,12 +428,12 @@ def run(cfg: SFTConfig) -> dict:
                 # a fixed row order, so each epoch's (seeded) order can be replayed on resume
                 dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
             )
-            with tracker.phase("train"):
+            with tracker.phase("train"), steps:
                 result = trainer.fit()
             if result.checkpoint is None:
                 raise RuntimeError("training ended without a checkpoint")
             final = Path(result.checkpoint.path)
-        state = sft.read_trainer_state(final) or {}
+        state = checkpoints.read_state(final) or {}
         out: dict = {"checkpoint": str(final), "step": state.get("step"), "total_steps": state.get("total_steps"),
                      "done": bool(state.get("done")), "counts": state.get("counts"), "rows": rows,
                      "tracking_uri": tracker.uri, "run_id": tracker.run_id}
@@ -456,7 +442,7 @@ def run(cfg: SFTConfig) -> dict:
                              **{f"data/skipped_{r}": n for r, n in counts.skipped.items()}}, step=state.get("step"))
         if counts.cut or counts.skipped_total:
             log.info("samples cut at %d tokens: %d; skipped: %s", cfg.cutoff, counts.cut, counts.skipped)
-        tracker.log_artifact(final / sft.TRAINER_STATE)
+        tracker.log_artifact(final / checkpoints.STATE_FILE)
 
         if cfg.export and state.get("done"):
             with tracker.phase("export"):
@@ -466,24 +452,15 @@ def run(cfg: SFTConfig) -> dict:
             out.update(paths)
             out["export"] = paths["merged"]
             tracker.log_artifact(Path(paths["adapter"]) / "adapter_config.json", "adapter")
-            print(f"AesThinker-SFT exported to {paths['merged']} (adapter: {paths['adapter']})")
+            log.info("AesThinker-SFT exported to %s (adapter: %s)", paths["merged"], paths["adapter"])
         elif not state.get("done"):
             log.info("stopped at step %s of %s; rerun with resume=auto to continue", state.get("step"),
                      state.get("total_steps"))
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
     return out
 
 
 def main(argv=None) -> dict:
-    cfg = setup(SFTConfig, "sft", argv)
-    try:
-        return run(cfg)
-    except ConfigError as e:
-        print(f"sft: config error: {e}", flush=True)
-        raise SystemExit(2) from None
+    return run_job(SFTConfig, "sft", run, argv, check=_check)
 
 
 if __name__ == "__main__":

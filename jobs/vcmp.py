@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from aesformer.atomic import write_jsonl
 from aesformer.cluster import init_ray
-from aesformer.config import JobConfig
-from aesformer.job import setup
+from aesformer.config import ConfigError, JobConfig
+from aesformer.job import run_job
+from aesformer.progress import DETAIL, Progress
 from aesformer.tracking import Tracker
 from aesformer.vcmp.settings import (AlignConfig, GoodFrameConfig, IngestConfig, OverlayConfig, PoolsConfig,
                                      PrefilterConfig, QualityConfig, SampleConfig, ScreenConfig, SegmentConfig,
@@ -77,6 +79,13 @@ class VcmpConfig(JobConfig):
 
 # -- ingest -------------------------------------------------------------------------------
 
+def check_inputs(cfg: VcmpConfig) -> None:
+    if not cfg.input:
+        raise ConfigError("set input=<videos folder | list file | manifest>, e.g. input=runs/samples")
+    if isinstance(cfg.input, str) and not Path(cfg.input).expanduser().exists():
+        raise ConfigError(f"input='{cfg.input}' does not exist: pass a folder of videos, a list file or a manifest")
+
+
 def ingest(cfg: VcmpConfig, state) -> tuple[list[dict], list[dict], int]:
     """(videos to mine, new rejects, files listed). Dedupe sees the
     videos of earlier runs too (their hashes are in the state log)."""
@@ -85,8 +94,7 @@ def ingest(cfg: VcmpConfig, state) -> tuple[list[dict], list[dict], int]:
     from aesformer.vcmp.flow import probe_entry
     from aesformer.vcmp.ingest import dedupe, list_inputs
 
-    if not cfg.input:
-        raise SystemExit("vcmp: set input=<videos folder | list file | manifest>")
+    check_inputs(cfg)
     entries, rejects = list_inputs(cfg.input, cfg.manifest, cfg.ingest.extensions)
     listed = len(entries) + len(rejects)
     finished = state.finished()
@@ -216,6 +224,8 @@ class Recorder:
         self.pending: dict[str, dict] = {}  # video id → progress while its rows arrive
         self.waiting: list[dict] = []  # finished videos whose rows are not all durable yet
         self.finished = 0
+        self.pair_count = 0
+        self.progress: Optional[Progress] = None
 
     def add(self, row: dict, total: int) -> None:
         from aesformer.vcmp import rows as R
@@ -251,7 +261,11 @@ class Recorder:
             rec["finished_at"] = time.monotonic()
             self.waiting.append(rec)
             self.finished += 1
-            log.info("[%d/%d] %s: %s, %d pairs", self.finished, total, vid, rec["status"], len(rec["pairs"]))
+            self.pair_count += len(rec["pairs"])
+            log.info("[%d/%d] %s: %s, %d pairs", self.finished, total, vid, rec["status"], len(rec["pairs"]),
+                     extra=DETAIL)
+            if self.progress is not None:
+                self.progress.set(self.finished, f"{self.pair_count} pairs", total=total)
         self.settle()
 
     def settle(self) -> None:
@@ -300,14 +314,14 @@ def run(cfg: VcmpConfig) -> dict:
         if videos:
             ds = build_pipeline(cfg, ray, videos)
             t1 = time.perf_counter()
-            with tracker.phase("pipeline"):
+            with tracker.phase("pipeline"), Progress("vcmp", len(videos), "videos") as recorder.progress:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in R.rows_of(batch):
                         recorder.add(row, len(videos))
             wall_pipeline = time.perf_counter() - t1
             times = stage_times(ds)
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as error:
+        tracker.close(error)
         raise
     finally:
         recorder.close()  # flushes what arrived, so finished work is never lost
@@ -339,7 +353,7 @@ def run(cfg: VcmpConfig) -> dict:
         tracker.log_artifact(p)
     if sheet:
         tracker.log_artifact(sheet)
-    tracker.finish()
+    tracker.close()
     return {"output": str(out), "pairs_dir": str(pairs_dir), "dataset": str(pairs_dir), "pairs": n_pairs,
             "new_videos": len(videos),
             "finished_videos": recorder.finished, "rejects": all_rejects, "funnel": f, "funnel_table": text,
@@ -352,17 +366,14 @@ def _write_rejects(out: Path, rejects: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = out / ".rejects.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects))
-    tmp.replace(out / "rejects.jsonl")
+    write_jsonl(out / "rejects.jsonl", rejects)
     schema = pa.schema([(k, pa.string()) for k in ("video_id", "path", "stage", "reason", "detail")])
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rejects], schema=schema),
                    out / "rejects.parquet")
 
 
 def main(argv=None) -> dict:
-    cfg = setup(VcmpConfig, "vcmp", argv)
-    return run(cfg)
+    return run_job(VcmpConfig, "vcmp", run, argv, check=check_inputs)
 
 
 if __name__ == "__main__":

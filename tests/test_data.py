@@ -216,12 +216,20 @@ def test_export_sft_json_llama_factory_format(tmp_path, photos):
 
 def test_contact_sheet_draws_pairs_with_their_plans(tmp_path, photos):
     rows = [pair(i, photos) for i in range(3)]
-    path = contact_sheet(rows, tmp_path / "sheet.png", max_pairs=2, thumb=64)
-    sheet = Image.open(path)
-    assert sheet.width == 2 * 64 + 3 * 8
-    assert sheet.height > 2 * 64  # two blocks with text under each
+    block = 2 * 64 + 3 * 8  # poor | good with their padding
+    sheet = Image.open(contact_sheet(rows, tmp_path / "sheet.png", max_pairs=2, thumb=64))
+    assert sheet.width == 2 * block  # the two pairs side by side
+    assert sheet.height > 64  # one row of blocks, text under each
     one = Image.open(contact_sheet(rows, tmp_path / "one.png", max_pairs=1, thumb=64))
-    assert 2 * one.height == pytest.approx(sheet.height, abs=2)
+    assert (one.width, one.height) == (block, sheet.height)
+
+
+def test_a_contact_sheet_is_a_grid_that_fits_a_screen(tmp_path, photos):
+    rows = [pair(i % 3, photos) for i in range(7)]
+    sheet = Image.open(contact_sheet(rows, tmp_path / "sheet.png", max_pairs=7, thumb=64, columns=3))
+    one = Image.open(contact_sheet(rows, tmp_path / "one.png", max_pairs=1, thumb=64))
+    assert sheet.width == 3 * one.width  # three columns
+    assert sheet.height == pytest.approx(3 * one.height, abs=2)  # 7 pairs fill three rows
 
 
 # -- Ray Data ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def trained(ray_session, tiny_models, run_dir):
 
 
 def test_epoch_batches_are_single_bucket_and_even_across_ranks():
-    from aesformer.jobs.editor_lora import epoch_batches
+    from aesformer.editor_cache import epoch_batches
 
     def entry(i, w):
         return {"key": str(i), "target_w": w, "target_h": 96, "control_w": 64, "control_h": 64}

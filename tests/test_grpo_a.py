@@ -194,7 +194,8 @@ def test_a_killed_rollout_actor_is_replaced_and_the_run_completes(ray_session, s
 @pytest.mark.timeout(400)
 def test_resume_auto_continues_with_the_next_step_prompts_and_saved_weights(ray_session, small_data, sft_policy,
                                                                             tmp_path):
-    from aesformer.jobs.grpo_a import STATE_FILE, Prompts, run
+    from aesformer.checkpoints import STATE_FILE
+    from aesformer.jobs.grpo_a import Prompts, run
 
     first = run(config(tmp_path, small_data, sft_policy, steps=4, checkpoint_every=2, stop_after=2))
     assert first["last_step"] == 2 and not first["finished"]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from aesformer import ds, sft
 from aesformer.actions import SPECIAL_TOKENS, ActionPlan, thinker_instruction
-from aesformer.config import ConfigError, load_config
+from aesformer.config import ConfigError, load_config, parse_workers
 from aesformer.jobs import sft as job
 
 PLAN = ActionPlan("crop to 4:5", "zoom in", "rotate clockwise", "move the subject left", "keep the pose",
@@ -225,12 +225,12 @@ def test_profiles_choose_the_deepspeed_setup():
 
 
 def test_num_workers_is_a_count_or_an_elastic_range():
-    assert job._num_workers(2) == 2
-    assert job._num_workers([2, 4]) == (2, 4)
-    assert job._num_workers([3, 3]) == 3
+    assert parse_workers(2) == 2
+    assert parse_workers([2, 4]) == (2, 4)
+    assert parse_workers([3, 3]) == 3
     for bad in (0, [4, 2], [1, 2, 3], "two"):
         with pytest.raises(ConfigError, match="num_workers"):
-            job._num_workers(bad)
+            parse_workers(bad)
 
 
 def test_missing_data_is_a_config_error(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aesformer import sft
+from aesformer import checkpoints, sft
 from aesformer.actions import format_reward
 from aesformer.jobs import sft as job
 
@@ -73,7 +73,7 @@ def test_checkpoints_are_kept_up_to_the_limit(trained):
     _, out = trained
     kept = sorted(p.name for p in (out / "ray" / "sft").glob("checkpoint-*"))
     assert kept == ["checkpoint-0000050", "checkpoint-0000072"]  # every 25 steps and the end, newest 2 kept
-    state = sft.read_trainer_state(out / "ray" / "sft" / "checkpoint-0000072")
+    state = checkpoints.read_state(out / "ray" / "sft" / "checkpoint-0000072")
     assert state["done"] and state["step"] == 72 and state["world_size"] == 2
 
 

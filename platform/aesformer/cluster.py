@@ -61,7 +61,10 @@ def init_ray(ray_cfg: Any, *, extra_env: Optional[dict] = None):
     env = runtime_env(ray_cfg, ship)
     if extra_env:
         env["env_vars"].update(extra_env)
-    kwargs: dict = dict(runtime_env=env, log_to_driver=True, logging_level=logging.WARNING)
+    # the workers' output reaches the console only with log_level=debug; it
+    # always stays in Ray's session logs (linked from <output>/logs/ray)
+    verbose = os.environ.get("AESFORMER_LOG_LEVEL", "info") == "debug"
+    kwargs: dict = dict(runtime_env=env, log_to_driver=verbose, logging_level=logging.WARNING)
     if joining:
         log.info("joining Ray cluster at %s (shipping code: %s)", address, ship)
         ray.init(address=address, **kwargs)
@@ -76,7 +79,25 @@ def init_ray(ray_cfg: Any, *, extra_env: Optional[dict] = None):
             _node_ip_address="127.0.0.1",
             **kwargs,
         )
+    if not verbose:
+        from ray.data import DataContext
+
+        # jobs draw one progress line per phase instead of one bar per operator
+        DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+def session_logs() -> Optional[Path]:
+    """The log folder of this process's Ray session when it runs on this machine."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:  # Ray has no public call for it; the driver's node knows its session folder
+        folder = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    except Exception:
+        return None
+    return folder if folder.is_dir() else None
 
 
 def shutdown_ray() -> None:

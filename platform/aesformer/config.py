@@ -63,6 +63,9 @@ class JobConfig:
     profile: str = "tiny"
     output: str = "runs/job"
     seed: int = 42
+    # console: info (the jobs' progress and warnings), warning, or debug (everything,
+    # Ray workers included); the full log is always in <output>/logs/
+    log_level: str = "info"
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -91,19 +94,54 @@ def _known_keys(schema_node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def _initials(name: str) -> str:
+    return "".join(w[0] for w in name.split("_") if w)
+
+
+def closest_key(name: str, candidates: Sequence[str]) -> Optional[str]:
+    """The valid key a user most likely meant: a near spelling
+    (``optim.lrr`` → ``optim.lr``) or a spelled-out short name
+    (``learning_rate`` → ``lr``)."""
+    leaf = name.rsplit(".", 1)[-1]
+    by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+    for short, full in by_leaf.items():
+        if len(short) >= 2 and (_initials(leaf) == short or _initials(short) == leaf):
+            return full
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+    if close:
+        return by_leaf[close[0]]
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    return None
+
+
+def _is_section(node: Any) -> bool:
+    return isinstance(node, DictConfig) and node._metadata.object_type not in (None, dict)
+
+
 def _check_keys(data: dict, schema: DictConfig, source: str, prefix: str = "") -> None:
-    """Raise ConfigError for the first key in ``data`` that ``schema`` lacks."""
+    """Raise ConfigError for the first key in ``data`` that ``schema`` lacks,
+    or a plain value given for a whole section."""
     for k, v in data.items():
         path = f"{prefix}{k}"
         if k not in schema:
-            known = _known_keys(schema, prefix)
-            close = difflib.get_close_matches(path, known, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(known))}"
+            here = [f"{prefix}{key}" for key in schema.keys()]
+            close = closest_key(path, here) or closest_key(path, _known_keys(schema, prefix))
+            hint = (f"; did you mean '{close}'?" if close else
+                    f"; keys{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(here))}")
             raise ConfigError(f"unknown config key '{path}' (from {source}){hint}")
         child = schema._get_node(k)
-        is_struct = isinstance(child, DictConfig) and child._metadata.object_type not in (None, dict)
-        if isinstance(v, dict) and is_struct:
-            _check_keys(v, child, source, path + ".")
+        if _is_section(child):
+            if isinstance(v, dict):
+                _check_keys(v, child, source, path + ".")
+            elif v is not None:
+                keys = list(child.keys())
+                guess = next((key for key in ("kind", "engine", "mode", "name", "path") if key in keys), None)
+                guess = guess if isinstance(v, str) and isinstance(child.get(guess), str) else None
+                hint = f"did you mean '{path}.{guess}={v}'? " if guess else ""
+                raise ConfigError(f"'{path}' is a section, not a value (from {source}): {hint}"
+                                  f"its keys are {', '.join(f'{path}.{key}' for key in keys)}")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -175,6 +213,18 @@ def load_config(schema: Type[T], job: str, argv: Sequence[str] = ()) -> T:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"missing or bad value for '{key}': {e}") from None
+
+
+def parse_workers(value: Any, key: str = "num_workers") -> int | tuple[int, int]:
+    """A worker count: a positive int, or [min, max] for elastic training."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
+                or not 1 <= value[0] <= value[1]:
+            raise ConfigError(f"{key} as a range must be [min, max] with 1 <= min <= max, got {list(value)}")
+        return (value[0], value[1]) if value[0] != value[1] else value[0]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be a positive number or [min, max], got {value!r}")
+    return value
 
 
 def to_dict(cfg: Any) -> dict:

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aesformer.atomic import write_json
 from aesformer.actions import ActionPlan, PlanFormatError, thinker_instruction
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,37 @@ def finished_shards(folder: PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and SHARD_RE.match(p.name))
+
+
+def find_dataset(value: Optional[PathLike], key: str = "data") -> Path:
+    """The AesRecon folder a user named with ``key=``: the folder itself, or
+    the ``pairs/`` inside an earlier job's output folder. Raises ConfigError
+    naming the folder to pass instead when neither holds pair shards."""
+    from aesformer.config import ConfigError
+
+    if not value:
+        raise ConfigError(f"{key}= is required: an AesRecon dataset folder, e.g. {key}=runs/distill/pairs")
+    folder = Path(value).expanduser()
+    for candidate in (folder, folder / "pairs"):
+        if finished_shards(candidate):
+            return candidate.resolve()
+    if not folder.exists():
+        raise ConfigError(f"{key}='{value}' does not exist")
+    if not folder.is_dir():
+        raise ConfigError(f"{key}='{value}' is a file; pass the folder that holds the part-*.parquet shards")
+    below = sorted({p.parent for p in folder.glob("**/part-*.parquet") if SHARD_RE.match(p.name)})
+    hint = f"; pass {key}={below[0]}" if below else ""
+    raise ConfigError(f"{key}='{value}' holds no AesRecon pair shards (part-*.parquet), nor does its pairs/ "
+                      f"folder{hint}")
+
+
+def no_plans_error(folder: PathLike, key: str = "data", split: Optional[str] = None):
+    """The ConfigError for a dataset without a single plan to learn from."""
+    from aesformer.config import ConfigError
+
+    where = f" in split '{split}' (split=null takes every row)" if split else ""
+    return ConfigError(f"{key}='{folder}' has no pairs with a plan{where}: plans come from distillation "
+                       f"(python jobs/distill.py input={folder}); pass its output, e.g. {key}=runs/distill/pairs")
 
 
 def check_schema(path: PathLike, schema: pa.Schema = PAIR_SCHEMA) -> None:
@@ -684,15 +716,9 @@ def export_released(source: Any, root: PathLike) -> dict:
     for split, recs in records.items():
         d = root / "jsons" / split
         d.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(d / f"aesrecon_{split}.json", recs)
+        write_json(d / f"aesrecon_{split}.json", recs)
         counts[split] = len(recs)
     return counts
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def export_sft_json(source: Any, out_dir: PathLike, *, split: Optional[str] = "train",
@@ -729,7 +755,7 @@ def export_sft_json(source: Any, out_dir: PathLike, *, split: Optional[str] = "t
                                       {"role": "assistant", "content": plan.render()}],
                          "images": [rel]})
     path = out / f"{dataset_name}.json"
-    _write_json_atomic(path, examples)
+    write_json(path, examples)
     info_path = out / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info[dataset_name] = {
@@ -738,17 +764,17 @@ def export_sft_json(source: Any, out_dir: PathLike, *, split: Optional[str] = "t
         "columns": {"messages": "messages", "images": "images"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
     }
-    _write_json_atomic(info_path, info)
+    write_json(info_path, info)
     return {"path": str(path), "examples": len(examples), "skipped_no_plan": no_plan}
 
 
 # -- contact sheet -------------------------------------------------------------------------
 
 def contact_sheet(pairs: Any, path: PathLike, max_pairs: int = 8, *, thumb: int = 256, font_size: int = 12,
-                  labels: tuple[str, str] = ("poor", "good")) -> Path:
+                  labels: tuple[str, str] = ("poor", "good"), columns: int = 3) -> Path:
     """One image for people to look at: for each pair (at most ``max_pairs``),
     poor | good side by side (``labels`` name the two), the id above and the
-    plan wrapped under them."""
+    plan wrapped under them; pairs fill a grid ``columns`` wide."""
     from PIL import Image, ImageDraw, ImageFont
 
     try:
@@ -773,24 +799,30 @@ def contact_sheet(pairs: Any, path: PathLike, max_pairs: int = 8, *, thumb: int 
     if not blocks:
         raise ValueError("contact_sheet got no pairs")
 
+    # a grid that fits a screen: up to ``columns`` pairs side by side
+    columns = max(1, min(columns, len(blocks)))
     heights = [pad + line_h + thumb + gap + line_h * len(lp) + pad for _, _, _, lp in blocks]
-    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    row_heights = [max(heights[i:i + columns]) for i in range(0, len(blocks), columns)]
+    sheet = Image.new("RGB", (width * columns, sum(row_heights)), "white")
     draw = ImageDraw.Draw(sheet)
-    y = 0
-    for (rid, poor, good, plan_lines), h in zip(blocks, heights):
-        draw.text((pad, y + pad), f"{rid}    {labels[0]} | {labels[1]}", fill="black", font=font)
+    for i, (rid, poor, good, plan_lines) in enumerate(blocks):
+        grid_row, col = divmod(i, columns)
+        x, y = col * width, sum(row_heights[:grid_row])
+        draw.text((x + pad, y + pad), f"{rid}    {labels[0]} | {labels[1]}", fill="black", font=font)
         top = y + pad + line_h
         for k, img in enumerate((poor, good)):
             t = img.copy()
             t.thumbnail((thumb, thumb))
-            x0 = pad + k * (thumb + pad)
+            x0 = x + pad + k * (thumb + pad)
             sheet.paste(t, (x0 + (thumb - t.width) // 2, top + (thumb - t.height) // 2))
         ty = top + thumb + gap
         for line in plan_lines:
-            draw.text((pad, ty), line, fill=(30, 30, 30), font=font)
+            draw.text((x + pad, ty), line, fill=(30, 30, 30), font=font)
             ty += line_h
-        y += h
-        draw.line([(0, y - 1), (width, y - 1)], fill=(200, 200, 200))
+        if col:
+            draw.line([(x, y), (x, y + row_heights[grid_row])], fill=(200, 200, 200))
+        if grid_row:
+            draw.line([(x, y), (x + width, y)], fill=(200, 200, 200))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

@@ -7,8 +7,10 @@ One config builder and the few calls a Ray Train loop needs around
   would use oneCCL if ``oneccl_bindings_for_pytorch`` were installed); Ray
   Train must then start its process group with ``TorchConfig(backend="gloo")``
   (:func:`torch_backend` says which).
-- Its first initialisation JIT-compiles a small shared-memory communication
-  op (about a minute, once; cached in ``~/.cache/torch_extensions``).
+- Its communication backend would JIT-compile a shared-memory op (about two
+  minutes on a fresh 2-core machine) that only its inference all-reduce
+  uses; training never calls it, so :func:`init_distributed` skips the build
+  on CPU (:func:`skip_unused_ops`).
 - DeepSpeed's fused and CPU Adam kernels would be compiled too, so the config
   asks for ``torch.optim.AdamW`` (``torch_adam``): the same update rule,
   nothing to build, on both devices.
@@ -124,11 +126,22 @@ def torch_backend() -> str:
     return "nccl" if has_cuda() else "gloo"
 
 
+def skip_unused_ops() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op:
+    only inference tensor parallelism uses it, never a training step."""
+    if has_cuda():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> None:
     """Make DeepSpeed use the process group Ray Train already created."""
     import deepspeed
     import torch.distributed as dist
 
+    skip_unused_ops()
     if dist.is_available() and dist.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     else:  # a single process outside Ray Train (a debugging session)

@@ -1,39 +1,146 @@
-"""What every job does first: resolve its config, prepare ``output``, log."""
+"""How every job runs: resolve the config, check the inputs, prepare
+``output`` and its logs, run, and turn a problem the user can fix into one
+line on stderr and exit status 2.
+
+    def main(argv=None) -> dict:
+        return run_job(MyConfig, "my_job", run, argv, check=check_inputs)
+
+``check`` runs before anything is created or started (no output folder, no
+Ray, no MLflow), so a bad input leaves nothing behind.
+
+The console stays quiet by default (``log_level=info``): the jobs' own
+progress lines and warnings. The full record (the resolved config, every
+library's log lines) goes to ``output/logs/<job>.log``, and the Ray
+workers' logs stay in Ray's session folder, linked as ``output/logs/ray``
+for a local Ray. ``log_level=debug`` shows everything on the console,
+workers included; ``log_level=warning`` shows only what needs attention.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, Optional, Sequence, Type, TypeVar
 
 from aesformer.config import ConfigError, JobConfig, load_config, to_yaml
 
 T = TypeVar("T", bound=JobConfig)
 
+LOG_LEVELS = ("debug", "info", "warning")
+# Libraries whose INFO lines are for the log file, not the console.
+CHATTY = ("ray", "urllib3", "filelock", "alembic", "httpx", "PIL", "mlflow", "DeepSpeed", "deepspeed",
+          "torch", "transformers", "diffusers", "matplotlib", "asyncio", "fsspec", "numexpr")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("urllib3", "filelock", "alembic", "httpx", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+def setup_logging(level: str = "info", log_file: Optional[Path] = None) -> None:
+    """The console at ``level`` (libraries at WARNING unless debug), the file
+    (when given) at INFO for everything."""
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got '{level}'")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_aesformer", False):
+            root.removeHandler(h)
+            h.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    console.setLevel(logging.DEBUG if level == "debug" else logging.INFO if level == "info" else logging.WARNING)
+    if level != "debug":
+        console.addFilter(_quiet_libraries)
+    console._aesformer = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        to_file.setLevel(logging.INFO)
+        to_file._aesformer = True  # type: ignore[attr-defined]
+        root.addHandler(to_file)
+    root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+    os.environ["AESFORMER_LOG_LEVEL"] = level
 
 
-def setup(schema: Type[T], job: str, argv: Optional[Sequence[str]] = None) -> T:
-    """Resolve the config (exit 2 with the problem on a bad one), create
-    ``output``, write ``output/config.yaml`` and log the resolved config."""
-    setup_logging()
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """On the console, libraries speak only to warn."""
+    if record.levelno >= logging.WARNING:
+        return True
+    if getattr(record, "detail", False):
+        return False
+    top = record.name.split(".", 1)[0]
+    return top not in CHATTY
+
+
+def fail(job: str, message: Any) -> None:
+    """One line on stderr, exit status 2."""
+    print(f"{job}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def setup(schema: Type[T], job: str, argv: Optional[Sequence[str]] = None,
+          check: Optional[Callable[[T], Any]] = None) -> T:
+    """Resolve and check the config (exit 2 with the problem on a bad one),
+    then create ``output``, write ``output/config.yaml`` and start the logs."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(schema, job, argv)
+        if cfg.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got '{cfg.log_level}'")
+        if check is not None:
+            check(cfg)
     except ConfigError as e:
-        print(f"{job}: config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(job, e)
     out = Path(cfg.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     cfg.output = str(out.resolve())
     text = to_yaml(cfg)
     (out / "config.yaml").write_text(text)
-    logging.getLogger(job).info("resolved config:\n%s", text)
+    setup_logging(cfg.log_level, out / "logs" / f"{job}.log")
+    logger = logging.getLogger(job)
+    logger.debug("resolved config:\n%s", text)
+    _to_file_only(logger, f"resolved config ({out / 'config.yaml'}):\n{text}")
     return cfg
+
+
+def _to_file_only(logger: logging.Logger, message: str) -> None:
+    """A record the log file gets and the console does not."""
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and getattr(h, "_aesformer", False):
+            h.handle(record)
+
+
+def run_job(schema: Type[T], job: str, run: Callable[[T], Any], argv: Optional[Sequence[str]] = None,
+            check: Optional[Callable[[T], Any]] = None) -> Any:
+    """The entry point of every job: :func:`setup`, then ``run(cfg)``. A
+    ConfigError raised while running (a problem found in the data, say)
+    also ends as one line and exit status 2."""
+    cfg = setup(schema, job, argv, check)
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        fail(job, e)
+    finally:
+        _link_ray_logs(Path(cfg.output) / "logs")
+
+
+def _link_ray_logs(logs: Path) -> None:
+    """``<output>/logs/ray``: the workers' logs of a local Ray session."""
+    from aesformer.cluster import session_logs
+
+    if "ray" not in sys.modules:
+        return
+    folder = session_logs()
+    link = logs / "ray"
+    if folder is None or link.exists() or link.is_symlink():
+        return
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(folder, target_is_directory=True)
+    except OSError:
+        pass

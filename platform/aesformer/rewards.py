@@ -22,6 +22,14 @@ DEFAULT_WEIGHTS: tuple[float, float, float] = (0.1, 0.5, 0.4)  # λf, λa, λc
 
 PlanLike = Union[ActionPlan, str]
 
+# Ra from the judge, or from rule_alignment (no model)
+ALIGNMENT_MODES: tuple[str, ...] = ("judge", "rule")
+
+
+def needs_judge(weights: Sequence[float], alignment: str) -> bool:
+    """Whether the weighted reward reads any score from the judge model."""
+    return (weights[1] != 0 and alignment == "judge") or weights[2] != 0
+
 
 # -- scores ----------------------------------------------------------------------
 

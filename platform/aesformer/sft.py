@@ -13,14 +13,11 @@
   neither repeats nor skips samples;
 - the model: LoRA on every linear layer of the language model, the vision
   tower frozen, embeddings and lm_head trained in full (:func:`apply_lora`);
-- checkpoints: the small ``trainer_state.json`` beside DeepSpeed's files and
-  how to find the newest checkpoint of a run (:func:`newest_checkpoint`);
 - export: the adapter and the merged model in the Hugging Face layout
   (:func:`save_adapter`, :func:`export_model`).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -34,7 +31,6 @@ SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 # Why a sample was skipped.
 SKIP_REASONS = ("image", "plan", "too_long")
-TRAINER_STATE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
 
 
@@ -320,52 +316,6 @@ def apply_lora(model: Any, rank: int = 8, alpha: int = 16, dropout: float = 0.05
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=language_model_linears(model),
                         modules_to_save=list(full_modules) or None, bias="none")
     return get_peft_model(model, config)
-
-
-# -- checkpoints ---------------------------------------------------------------------------
-
-def write_trainer_state(directory: str | os.PathLike, state: Mapping) -> Path:
-    path = Path(directory) / TRAINER_STATE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(state), indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
-def read_trainer_state(directory: str | os.PathLike) -> Optional[dict]:
-    path = Path(directory) / TRAINER_STATE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def find_checkpoints(root: str | os.PathLike) -> list[tuple[Path, dict]]:
-    """Every complete checkpoint under ``root`` (the Ray storage folder of
-    the job: ``<root>/<run name>/checkpoint-*``), oldest first by the time
-    it was written. A folder counts when it holds a trainer state and
-    DeepSpeed's files."""
-    from aesformer.ds import CHECKPOINT_TAG
-
-    root = Path(root)
-    found = []
-    if root.is_dir():
-        for state_file in root.glob(f"*/*/{TRAINER_STATE}"):
-            folder = state_file.parent
-            state = read_trainer_state(folder)
-            if state is None or not (folder / CHECKPOINT_TAG).is_dir():
-                continue
-            found.append((folder, state))
-    found.sort(key=lambda item: (item[1].get("written_at", 0.0), item[1].get("step", 0)))
-    return found
-
-
-def newest_checkpoint(root: str | os.PathLike) -> Optional[tuple[Path, dict]]:
-    """(folder, trainer state) of the newest complete checkpoint, or None."""
-    found = find_checkpoints(root)
-    return found[-1] if found else None
 
 
 # -- export ---------------------------------------------------------------------------------

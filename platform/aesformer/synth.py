@@ -26,6 +26,8 @@ matrix good → poor pixels.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -291,3 +293,34 @@ def fit(image: Image.Image, size: tuple[int, int], mode: str = "cover") -> Image
     canvas = Image.new("RGB", (W, H), (0, 0, 0))
     canvas.paste(resized, ((W - nw) // 2, (H - nh) // 2))
     return canvas
+
+
+def sample_aesrecon(folder: str | os.PathLike, n: int, seed: int, *, side: int = 128, test_fraction: float = 0.0,
+                    job: str = "sample") -> Path:
+    """A small AesRecon of ``n`` synthetic pairs for jobs run without data:
+    the sample photographs in turn, each shrunk to ``side`` pixels on its
+    longest edge, a good crop and a poor framing of it (:func:`framing_pair`),
+    and the plan the measured teacher writes for that exact transform.
+    ``test_fraction`` of the pairs go to the test split. Rerunning keeps the
+    pairs already written and adds the missing ones."""
+    from aesformer.data import ShardWriter, assign_split, make_pair, make_provenance
+    from aesformer.distill.measured import plan_from_measurement
+    from aesformer.samples import sample_photos
+
+    photos = sample_photos()
+    ids = [f"sample-{i:04d}-{photos[i % len(photos)][0]}" for i in range(n)]
+    split = (assign_split(ids, test_size=test_fraction) if test_fraction > 0 else dict.fromkeys(ids, "train"))
+    with ShardWriter(Path(folder), shard_rows=64) as writer:
+        for i, pid in enumerate(ids):
+            if pid in writer:
+                continue
+            name, photo = photos[i % len(photos)]
+            photo = photo.copy()
+            photo.thumbnail((side, side))
+            good, poor, truth = framing_pair(photo, np.random.default_rng(seed + i))
+            # geometry is known exactly; the synthetic flaw leaves tone and sharpness alone
+            measured = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "temperature": 0.0,
+                        "sharpness": 0.0, **truth}
+            writer.write(make_pair(pid, poor, good, plan=plan_from_measurement(measured).render(),
+                                   video_id=f"sample-{name}", split=split[pid], provenance=make_provenance(job)))
+    return Path(folder)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
+
+from aesformer.atomic import write_dir
 
 log = logging.getLogger(__name__)
 
@@ -512,29 +512,6 @@ def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def _write_atomically(final: Path, write) -> None:
-    """Run ``write(tmp_dir)``, then move the finished folder to ``final``.
-
-    A crash leaves only a hidden ``.<name>.tmp-*`` folder, never a half model
-    under the final name; an existing model is replaced only once the new one
-    is complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must be readable
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _manifest(path: Path, key: str, seed: int, extra: dict) -> None:
     info = {"tiny_version": TINY_VERSION, "key": key, "seed": seed, **extra}
     (path / "tiny.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
@@ -569,7 +546,7 @@ def build_tiny_models(output: str | Path, seed: int = 0,
         tokenizer.save_pretrained(tmp)
         _manifest(tmp, "tokenizer", seed, {"class": type(tokenizer).__name__, "vocab": len(tokenizer)})
 
-    _write_atomically(output / "tokenizer", save_tokenizer)
+    write_dir(output / "tokenizer", save_tokenizer)
 
     for key in which:
         t0 = time.perf_counter()
@@ -595,7 +572,7 @@ def build_tiny_models(output: str | Path, seed: int = 0,
                                        "processor": type(processor).__name__})
 
         with torch.no_grad():
-            _write_atomically(output / key, save)
+            write_dir(output / key, save)
         paths[key] = str(output / key)
         log.info("tiny %s built in %.1fs (%.1f MB) at %s", key, time.perf_counter() - t0,
                  _dir_mb(output / key), output / key)

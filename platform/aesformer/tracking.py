@@ -113,6 +113,28 @@ class Tracker:
         if self.enabled:
             self._client.log_text(self.run_id, text, name)
 
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close(exc)
+        return False
+
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """End the run: FINISHED, or FAILED with the error recorded (KILLED
+        on Ctrl-C). A second call does nothing."""
+        if not self.enabled:
+            return
+        if error is None:
+            self.finish()
+            return
+        message = f"{type(error).__name__}: {error}"
+        try:
+            self.log_text(message + "\n", "error.txt")
+            self._client.set_tag(self.run_id, "aesformer.error", message[:5000])
+        finally:
+            self.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return

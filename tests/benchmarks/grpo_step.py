@@ -60,7 +60,8 @@ def main(argv: list[str]) -> dict:
 
     from aesformer.cluster import worker_env
     from aesformer.config import load_config
-    from aesformer.jobs.grpo_a import GrpoAConfig, build_default_data, run
+    from aesformer.jobs.grpo_a import GrpoAConfig, run
+    from aesformer.synth import sample_aesrecon
 
     steps = 6
     extra = []
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
         tmp = Path(tmp)
         policy = small_policy(tmp / "policy")
-        data = build_default_data(tmp / "data", seed=0)
+        data = sample_aesrecon(tmp / "data", 12, 0, test_fraction=0.25, job="grpo_a")
         args = [f"output={tmp / 'run'}", f"data={data}", f"init={policy}", f"steps={steps}",
                 "prompts_per_step=4", "prompts_per_update=4", "val_every=0", "checkpoint_every=0",
                 "export_model=false", "rollout.actors=2", "rollout.chunk_prompts=1", "rollout.max_tokens=64",

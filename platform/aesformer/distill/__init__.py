@@ -9,6 +9,7 @@
 - :mod:`.validator`  — format, coverage, geometry and judge checks, with feedback
 - :mod:`.loop`       — the teacher → validator → feedback rounds
 - :mod:`.cache`      — the SQLite cache that makes reruns free and runs resumable
+- :mod:`.outputs`    — the dataset, rejects, attempts, SFT export and summary, from the cache
 - :mod:`.transcript` — subtitles (file or track), Whisper, finding the source video
 - :mod:`.settings`   — the job's config sections
 

@@ -1,19 +1,11 @@
 """Editor actors of the LoRA job: the cache encoder pool and the validation renderer.
 
 :class:`CacheEncoder` is a Ray Data callable (run as an actor pool): for each
-(poor, good, plan) pair it computes what the transformer is trained on, with
-the pipeline's own methods (:mod:`aesformer.editor`), so the cached tensors
-are exactly what inference feeds the transformer:
-
-- ``target``: VAE latents of the good image, centre-cropped and resized to
-  its aspect bucket;
-- ``control``: VAE latents of the poor image at the control area;
-- ``prompt``: the text condition of the plan with the poor image in it.
-
-Each batch is written as its own Parquet shard (one row per row group, so a
-training worker reads single rows) under ``<cache>/<settings hash>/``, keyed
-by the content hash of the pair. A second run over the same data finds every
-key and starts no encoder.
+(poor, good, plan) pair it computes the cached tensors (the format is in
+:mod:`aesformer.editor_cache`) with the pipeline's own methods
+(:mod:`aesformer.editor`), so the cached tensors are exactly what inference
+feeds the transformer. Each batch is written as its own shard; a second run
+over the same data finds every key and starts no encoder.
 
 :class:`ValidationRenderer` holds the full pipeline (the training workers
 load only the transformer) and renders fixed validation pairs with the
@@ -21,96 +13,17 @@ LoRA weights of a given step: a grid poor | edited | good, logged to MLflow.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import pyarrow as pa
 
 from aesformer.cluster import use_worker_threads
+from aesformer.editor_cache import CACHE_SCHEMA, save_tensors
 
 log = logging.getLogger(__name__)
-
-CACHE_VERSION = "editor-cache/1"
-CACHE_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),  # content hash of (poor, good, plan)
-        pa.field("id", pa.string()),  # the pair's id
-        pa.field("tensors", pa.binary(), nullable=False),  # safetensors bytes: target, control, prompt
-        pa.field("target_w", pa.int32()), pa.field("target_h", pa.int32()),  # pixels
-        pa.field("control_w", pa.int32()), pa.field("control_h", pa.int32()),
-        pa.field("prompt_len", pa.int32()),
-    ],
-    metadata={"aesformer.schema": CACHE_VERSION},
-)
-
-
-def content_key(poor: bytes, good: bytes, plan: str) -> str:
-    h = hashlib.sha256()
-    for part in (poor, good, (plan or "").encode()):
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.hexdigest()[:32]
-
-
-def _file_hash(path: Path) -> Optional[str]:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
-
-
-def encoder_settings(editor_path: str, *, dtype: str, control_area: int, condition_area: int,
-                     target_area: int, aspects: Iterable[float]) -> dict:
-    """Everything the cached tensors depend on besides the pair itself."""
-    root = Path(editor_path)
-    return {
-        "format": CACHE_VERSION,
-        "editor": str(editor_path),
-        # the encoders' configs (and weights index) of a local model: a rebuilt model gets a new cache
-        "vae": _file_hash(root / "vae" / "config.json"),
-        "text_encoder": _file_hash(root / "text_encoder" / "config.json"),
-        "processor": _file_hash(root / "processor" / "preprocessor_config.json"),
-        "vae_weights": _file_hash(root / "vae" / "diffusion_pytorch_model.safetensors"),
-        "dtype": dtype, "control_area": int(control_area), "condition_area": int(condition_area),
-        "target_area": int(target_area), "aspects": [round(float(a), 6) for a in aspects],
-    }
-
-
-def settings_folder(cache_dir: str, settings: Mapping) -> Path:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir).expanduser() / digest
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = folder / "settings.json"
-    if not meta.exists():
-        meta.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    return folder
-
-
-def cache_index(folder: Path) -> dict[str, dict]:
-    """key → {shard, row, sizes} over the finished shards of a cache folder."""
-    import pyarrow.parquet as pq
-
-    from aesformer.data import finished_shards
-
-    index: dict[str, dict] = {}
-    cols = ["key", "id", "target_w", "target_h", "control_w", "control_h", "prompt_len"]
-    for shard in finished_shards(folder):
-        for i, row in enumerate(pq.read_table(shard, columns=cols).to_pylist()):
-            index[row["key"]] = {**row, "shard": str(shard), "row": i}
-    return index
-
-
-def save_tensors(tensors: Mapping[str, Any]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-
-
-def load_tensors(blob: bytes) -> dict:
-    from safetensors.torch import load
-
-    return load(bytes(blob))
 
 
 class CacheEncoder:

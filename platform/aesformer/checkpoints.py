@@ -1,0 +1,95 @@
+"""Checkpoints of every training job: one state file, one way to find, prune
+and resume.
+
+A checkpoint is a folder. Its state file, ``trainer_state.json``, is written
+last, so a folder with a readable state file is complete. ``resume`` means the
+same in every training job:
+
+- ``auto`` (the default): continue from the newest complete checkpoint under
+  the job's output, or start fresh when there is none;
+- ``never``: start fresh;
+- a path: continue from that checkpoint folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from aesformer.atomic import write_json
+from aesformer.config import ConfigError
+
+STATE_FILE = "trainer_state.json"
+RESUME_MODES = ("auto", "never")
+
+Checkpoint = tuple[Path, dict]
+
+
+def write_state(folder: str | os.PathLike, state: dict) -> Path:
+    """Write the state file, which marks the folder complete."""
+    return write_json(Path(folder) / STATE_FILE, dict(state), sort_keys=True)
+
+
+def read_state(folder: str | os.PathLike) -> Optional[dict]:
+    """The folder's state, or None when it is not a complete checkpoint."""
+    try:
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def find(root: str | os.PathLike, pattern: str, required: Optional[str] = None) -> list[Checkpoint]:
+    """Complete checkpoints under ``root`` whose folder matches ``pattern``
+    (a glob relative to root), oldest first by step, then by when written.
+    ``required`` names an entry a folder must also hold to count."""
+    found = []
+    root = Path(root)
+    if root.is_dir():
+        for folder in root.glob(pattern):
+            state = read_state(folder)
+            if state is None or (required and not (folder / required).exists()):
+                continue
+            written = state.get("written_at") or (folder / STATE_FILE).stat().st_mtime
+            found.append((folder, state, written))
+    found.sort(key=lambda item: (item[1].get("step", 0), item[2]))
+    return [(folder, state) for folder, state, _ in found]
+
+
+def newest(root: str | os.PathLike, pattern: str, required: Optional[str] = None) -> Optional[Checkpoint]:
+    found = find(root, pattern, required)
+    return found[-1] if found else None
+
+
+def prune(root: str | os.PathLike, pattern: str, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest complete checkpoints; returns what went."""
+    found = find(root, pattern)
+    gone = [folder for folder, _ in (found[:-keep] if keep > 0 else [])]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return gone
+
+
+def check_resume(value: str, where: str = "resume") -> None:
+    """Reject a ``resume`` value that is neither a mode nor a checkpoint folder."""
+    if value in RESUME_MODES:
+        return
+    if not value or not Path(value).expanduser().is_dir():
+        raise ConfigError(f"{where} must be auto, never or a checkpoint folder; '{value}' is none of these")
+    if read_state(Path(value).expanduser()) is None:
+        raise ConfigError(f"{where}={value}: not a checkpoint of this job (it has no readable {STATE_FILE}); "
+                          "use resume=auto, resume=never or one of the job's checkpoint folders")
+
+
+def resolve_resume(value: str, root: str | os.PathLike, pattern: str,
+                   required: Optional[str] = None) -> Optional[Checkpoint]:
+    """(folder, state) to continue from, or None to start fresh."""
+    check_resume(value)
+    if value == "never":
+        return None
+    if value == "auto":
+        return newest(root, pattern, required)
+    folder = Path(value).expanduser().resolve()
+    return folder, read_state(folder)
