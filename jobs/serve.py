@@ -14,12 +14,20 @@ if __package__ in (None, ""):
 
 import logging
 import time
+from dataclasses import dataclass
 
 from aesformer.cluster import init_ray
-from aesformer.job import setup
+from aesformer.job import run_job
 from aesformer.serving import ServeConfig
 
 log = logging.getLogger("serve")
+
+
+@dataclass
+class ServeJobConfig(ServeConfig):
+    """The job's schema: the application's settings, which live in the
+    library because the Serve config file's builder
+    (``aesformer.actors.serve_app:build_app``) reads them too."""
 
 
 def start(cfg: ServeConfig) -> str:
@@ -42,8 +50,8 @@ def stop(cfg: ServeConfig) -> None:
     serve.shutdown()
 
 
-def main(argv=None) -> None:
-    cfg = setup(ServeConfig, "serve", argv)
+def run(cfg: ServeConfig) -> None:
+    """Serve until Ctrl-C, then take the application down."""
     url = start(cfg)
     print(f"AesFormer is serving at {url}/ (API under {url}/v1, OpenAI base_url {url}/v1); Ctrl-C stops it",
           flush=True)
@@ -54,6 +62,10 @@ def main(argv=None) -> None:
         log.info("stopping")
     finally:
         stop(cfg)
+
+
+def main(argv=None) -> None:
+    run_job(ServeJobConfig, "serve", run, argv)
 
 
 if __name__ == "__main__":
