@@ -59,6 +59,7 @@ def setup_logging(level: str = "info", log_file: Optional[Path] = None) -> None:
         to_file._aesformer = True  # type: ignore[attr-defined]
         root.addHandler(to_file)
     root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+    logging.captureWarnings(True)
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.INFO)
     os.environ["AESFORMER_LOG_LEVEL"] = level
@@ -68,8 +69,8 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
     """On the console, libraries speak only to warn."""
     if record.levelno >= logging.WARNING:
         return True
-    if getattr(record, "detail", False):
-        return False
+    if getattr(record, "detail", False) or record.name == "py.warnings":
+        return False  # per-item detail and libraries' deprecation notices go to the file
     top = record.name.split(".", 1)[0]
     return top not in CHATTY
 
