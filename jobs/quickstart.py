@@ -9,6 +9,10 @@ result lies and how to look at it.
 
     python jobs/quickstart.py                       # everything, ~minutes on 2 cores
     python jobs/quickstart.py stages=[samples,vcmp]  # a prefix of the pipeline
+    python jobs/quickstart.py stages=[models,samples,vcmp,distill,sft,grpo_a,editor_lora,reconstruct,evaluate]
+
+``evaluate`` (judged win rates, scores, the report, over the four built-in
+systems) runs only when named in ``stages=``: it adds a few minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from aesformer.tracking import default_uri
 log = logging.getLogger("quickstart")
 
 STAGES = ["models", "samples", "vcmp", "distill", "sft", "grpo_a", "editor_lora", "reconstruct"]
+OPTIONAL_STAGES = ["evaluate"]  # run only when named in stages=
 
 
 @dataclass
@@ -54,9 +59,10 @@ def _common(cfg: QuickstartConfig, stage: str) -> list[str]:
 
 
 def check_stages(cfg: QuickstartConfig) -> None:
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    unknown = [s for s in cfg.stages if s not in STAGES + OPTIONAL_STAGES]
     if unknown:
-        raise ConfigError(f"unknown stage(s) {', '.join(map(str, unknown))}; stages are {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage(s) {', '.join(map(str, unknown))}; stages are "
+                          f"{', '.join(STAGES + OPTIONAL_STAGES)}")
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -110,10 +116,21 @@ def run(cfg: QuickstartConfig) -> dict:
     stage("reconstruct", reconstruct.main, f"input={planned}",
           f"models.thinker={thinker}", f"lora={lora_dir}")
 
+    from aesformer.jobs import evaluate
+
+    # the quickstart's few pairs: evaluate a handful of them whatever their split
+    stage("evaluate", lambda args: _brief(evaluate.main(args)), f"data={planned}", "split=null", "limit=4",
+          f"trained_thinker={thinker}", f"lora={lora_dir}")
+
     summary = {"output": str(out.resolve()), "timings_s": timings, "stages": results}
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
     print(_where_things_are(cfg, results, timings))
     return summary
+
+
+def _brief(result: dict) -> dict:
+    """The evaluate job's result without the nested summary (quickstart.json stays readable)."""
+    return {k: v for k, v in result.items() if k not in ("summary", "scorers")}
 
 
 def _stage_line(name: str, res: dict) -> tuple[str, str]:
@@ -142,6 +159,8 @@ def _stage_line(name: str, res: dict) -> tuple[str, str]:
         return f"{res.get('steps')} steps, loss {first:.2f} → {last:.2f}", res.get("lora", "")
     if name == "reconstruct":
         return f"{res.get('ok')} photos reconstructed", str(Path(res.get("output", "")) / "images")
+    if name == "evaluate":
+        return f"{res.get('photos')} photos, {res.get('judge_asked')} judgements", res.get("html", "")
     return "", str(res.get("output", ""))
 
 

@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Reply:
     ``first_logprobs`` maps candidate tokens to their log-probs at the first
     generated position when the backend reports them (a judge's reading).
     ``stopped`` is set when the job must stop: "budget" or "endpoint".
+    ``failures`` lists every failed attempt's reason (those retried too).
     """
 
     text: Optional[str] = None
@@ -56,6 +57,7 @@ class Reply:
     requests: int = 0
     seconds: float = 0.0
     first_logprobs: Optional[dict[str, float]] = None
+    failures: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -290,6 +292,7 @@ class OpenAIChat:
                 payload = self._post(body)
             except _Retryable as e:
                 last = str(e)
+                reply.failures.append(last)
                 if attempt < self.max_retries:
                     self.retries += 1
                     wait = e.retry_after if e.retry_after is not None else \
@@ -299,9 +302,11 @@ class OpenAIChat:
                 continue
             except _Fatal as e:
                 reply.stopped, reply.error = "endpoint", str(e)
+                reply.failures.append(str(e))
                 break
             except ValueError as e:
                 reply.error = str(e)
+                reply.failures.append(str(e))
                 break
             usage = payload.get("usage") or {}
             reply.prompt_tokens = int(usage.get("prompt_tokens") or 0)

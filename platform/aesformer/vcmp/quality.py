@@ -114,13 +114,9 @@ CLASSICAL = {"classical:iqa": classical_iqa, "classical:aesthetic": classical_ae
 
 def load_scorer(name: str, device: str = "cpu", config_key: str = "quality.<scorer>") -> Scorer:
     """A scorer by name: ``classical:iqa``, ``classical:aesthetic`` or a
-    TorchScript file path. A missing path raises FileNotFoundError naming
-    the config key to fix."""
-    if name in CLASSICAL:
-        fn = CLASSICAL[name]
-        return lambda images: np.asarray([fn(im) for im in images], dtype=float)
-    path = Path(str(name)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"image scorer '{name}' (from {config_key}) is neither "
-                                f"{' nor '.join(CLASSICAL)} nor an existing TorchScript file")
-    return TorchScriptScorer(str(path), device=device)
+    TorchScript file path, through the scorer interface evaluation uses
+    (:mod:`aesformer.scorers`), as scores in [0, 1]. A missing path raises
+    FileNotFoundError naming the config key to fix."""
+    from aesformer.scorers import scorer_from_name
+
+    return scorer_from_name(name, device=device, config_key=config_key).normalised
