@@ -44,7 +44,8 @@ class ActorPool:
 
     def __init__(self, name: str, actor_cls: Any, size: int, bundle: dict, args_for: Callable[[int], tuple],
                  *, strategy: str = "PACK", on_start: Optional[Callable[[Any], None]] = None,
-                 max_restarts: int = 3, ready_timeout: float = 600.0, env: Optional[dict] = None):
+                 max_restarts: int = 3, ready_timeout: float = 600.0, env: Optional[dict] = None,
+                 call_timeout: Optional[float] = None):
         import ray
         from ray.util.placement_group import placement_group
 
@@ -55,6 +56,7 @@ class ActorPool:
         self.bundle.setdefault("CPU", 0.001)  # an empty bundle is not allowed
         self.args_for, self.on_start, self.max_restarts = args_for, on_start, max_restarts
         self.env = env
+        self.call_timeout = call_timeout
         self.restarts = 0
         self.pg = placement_group([dict(self.bundle) for _ in range(size)], strategy=strategy, name=f"{name}-pg")
         try:
@@ -106,6 +108,21 @@ class ActorPool:
         """The same call on every actor; returns their ObjectRefs."""
         return [getattr(a, method).remote(*args) for a in self.actors]
 
+    def get(self, refs: Any, what: str, timeout: Optional[float] = None) -> Any:
+        """``ray.get`` with the pool's call timeout; a call that hangs fails naming the pool."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        timeout = self.call_timeout if timeout is None else timeout
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            raise TimeoutError(f"pool '{self.name}': {what} did not finish within {timeout:.0f}s") from None
+
+    def get_all(self, method: str, *args: Any, timeout: Optional[float] = None) -> list:
+        """The same call on every actor, waited for (with the pool's call timeout)."""
+        return self.get(self.call_all(method, *args), method, timeout)
+
     # -- keyed work with retries ---------------------------------------------------------
     def submit(self, key: Any, method: str, *args: Any, index: Optional[int] = None, _attempts: int = 0) -> None:
         i = next(self._next) if index is None else index % self.size
@@ -143,7 +160,7 @@ class ActorPool:
         A call whose actor died is resubmitted to its replacement (up to
         ``max_restarts`` times per call); other errors propagate.
         """
-        for _, key, value in as_completed([self], timeout):
+        for _, key, value in as_completed([self], self.call_timeout if timeout is None else timeout):
             yield key, value
 
     def map(self, method: str, items: list[tuple], timeout: Optional[float] = None) -> list:

@@ -156,10 +156,11 @@ def segment_batch(batch, seg: Any):
                            lambda rows: [out for row in rows for out in segment_stage(row, seg)]))
 
 
-def sample_batch(batch, sample: Any, pre: Any):
+def sample_batch(batch, sample: Any, pre: Any, improvement: Any = None):
     from aesformer.vcmp.flow import sample_stage
 
-    return R.table(guarded("sample", R.rows_of(batch), lambda rows: [sample_stage(row, sample, pre) for row in rows]))
+    return R.table(guarded("sample", R.rows_of(batch),
+                           lambda rows: [sample_stage(row, sample, pre, improvement) for row in rows]))
 
 
 # -- stage 5b + 6: good frames and coarse pairs ----------------------------------------------
@@ -169,9 +170,9 @@ class JudgeGoodFrames:
     then the coarse pairs (first frame × chosen good frames)."""
 
     def __init__(self, judge: str, engine: str, good: Any, max_pixels: Optional[int] = None,
-                 batch_size: int = 16, num_gpus: float = 0.0, tensor_parallel: int = 1):
+                 batch_size: int = 16, num_gpus: float = 0.0, tensor_parallel: int = 1, shared: Optional[tuple] = None):
         self.cfg = good
-        self.engine, self.digits = load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
+        self.engine, self.digits = shared or load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
 
     def __call__(self, batch):
         return R.table(guarded("good_frame", R.rows_of(batch), self._run))
@@ -220,14 +221,14 @@ class FilterGoodImages:
     """IQA and aesthetic scorers plus the judge's blur/ghosting check."""
 
     def __init__(self, judge: str, engine: str, quality: Any, max_pixels: Optional[int] = None,
-                 batch_size: int = 16, num_gpus: float = 0.0, tensor_parallel: int = 1):
+                 batch_size: int = 16, num_gpus: float = 0.0, tensor_parallel: int = 1, shared: Optional[tuple] = None):
         from aesformer.vcmp.quality import load_scorer
 
         self.cfg = quality
         device = _device(num_gpus)
         self.iqa = load_scorer(quality.iqa, device, "quality.iqa")
         self.aesthetic = load_scorer(quality.aesthetic, device, "quality.aesthetic")
-        self.engine, self.digits = load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
+        self.engine, self.digits = shared or load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
 
     def __call__(self, batch):
         return R.table(guarded("quality", R.rows_of(batch), self._run))
@@ -266,7 +267,7 @@ class RemoveOverlays:
 
     def __init__(self, editor: str, judge: str, engine: str, overlay: Any, max_pixels: Optional[int] = None,
                  batch_size: int = 8, num_gpus: float = 0.0, seed: int = 0, image_format: str = "png",
-                 tensor_parallel: int = 1):
+                 tensor_parallel: int = 1, shared: Optional[tuple] = None):
         from aesformer.editor import CONDITION_AREA, CONTROL_AREA, Editor
 
         self.cfg = overlay
@@ -276,7 +277,7 @@ class RemoveOverlays:
         self.editor = Editor.load(editor, control_area=overlay.control_area or CONTROL_AREA,
                                   condition_area=overlay.condition_area or CONDITION_AREA,
                                   dtype="bfloat16" if device == "cuda" else "float32", device=device)
-        self.engine, self.digits = load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
+        self.engine, self.digits = shared or load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
 
     def _attempts(self, poor, key: int) -> tuple[Optional[Any], list[dict]]:
         from aesformer.vcmp.judge import judge_probabilities
@@ -339,9 +340,9 @@ class CheckAlignment:
     """Judge: same person, scene and event, nothing new; geometry: ORB + RANSAC."""
 
     def __init__(self, judge: str, engine: str, align: Any, max_pixels: Optional[int] = None,
-                 batch_size: int = 8, num_gpus: float = 0.0, tensor_parallel: int = 1):
+                 batch_size: int = 8, num_gpus: float = 0.0, tensor_parallel: int = 1, shared: Optional[tuple] = None):
         self.cfg = align
-        self.engine, self.digits = load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
+        self.engine, self.digits = shared or load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
 
     def __call__(self, batch):
         return R.table(guarded("align", R.rows_of(batch), self._run))
@@ -377,3 +378,32 @@ class CheckAlignment:
                 else:
                     _decide(p, "align", True, f"P(aligned) {pj:.2f}; {g['inliers']} inliers, overlap {g['overlap']:.2f}")
         return [R.with_info(r, d) for r, d in zip(rows, datas)]
+
+
+# -- stages 5b to 9 in one actor -------------------------------------------------------------------
+
+class MinePairs:
+    """Good frames, good-image filtering, overlay removal and alignment in
+    one actor that loads the judge once and hands rows from stage to stage
+    in memory. For CPU machines: there a pool per stage costs a process and
+    a model copy per stage, and a serialisation and a scheduling round per
+    hop, for little work in each. Each stage keeps its own failure guard and
+    its decisions, so the rows and the funnel are those of separate pools."""
+
+    STAGES = ("good_frame", "quality", "overlay", "align")
+
+    def __init__(self, judge: str, editor: str, engine: str, good: Any, quality: Any, overlay: Any, align: Any,
+                 max_pixels: Optional[int] = None, batch_size: int = 16, num_gpus: float = 0.0, seed: int = 0,
+                 image_format: str = "png", tensor_parallel: int = 1):
+        shared = load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
+        kw = dict(judge=judge, engine=engine, max_pixels=max_pixels, batch_size=batch_size, num_gpus=num_gpus,
+                  tensor_parallel=tensor_parallel, shared=shared)
+        self.stages = [JudgeGoodFrames(good=good, **kw), FilterGoodImages(quality=quality, **kw),
+                       RemoveOverlays(editor=editor, overlay=overlay, seed=seed, image_format=image_format, **kw),
+                       CheckAlignment(align=align, **kw)]
+
+    def __call__(self, batch):
+        rows = R.rows_of(batch)
+        for name, stage in zip(self.STAGES, self.stages):
+            rows = guarded(name, rows, stage._run)
+        return R.table(rows)

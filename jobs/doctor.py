@@ -1,6 +1,8 @@
 """Check a Ray cluster before a long run: can its workers import this
 project (installed or shipped as a wheel), what Python, torch and GPUs do
-they have, and do a task and an actor both run? Writes output/doctor.json.
+they have, do a task and an actor both run, and does every node find each
+model the profile names (``models.*``)? Writes output/doctor.json, with
+what is missing per node.
 
     python jobs/doctor.py
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/doctor.py output=/tmp/doctor
@@ -41,6 +43,8 @@ def run(cfg: DoctorConfig) -> dict:
             actor_info = ray.get(probe.describe.remote(), timeout=300)
             checksum = ray.get(probe.matmul_checksum.remote(cfg.matmul_n, cfg.seed), timeout=300)
             ray.kill(probe)
+        with tracker.phase("models"):
+            models = model_report(cfg, ray)
         expected = matmul_checksum(cfg.matmul_n, cfg.seed)
         report = {
             "driver": describe_worker(),
@@ -49,7 +53,12 @@ def run(cfg: DoctorConfig) -> dict:
             "cluster_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
             "actor_checksum_matches_driver": abs(checksum - expected) <= 1e-3 * max(1.0, abs(expected)),
         }
-        report["ok"] = bool(report["actor_checksum_matches_driver"]
+        report["models"] = models
+        report["models_missing"] = [f"{node}: {key} ({problem})" for node, found in sorted(models.items())
+                                    for key, problem in found.items() if problem]
+        for line in report["models_missing"]:
+            log.warning("model missing on %s", line)
+        report["ok"] = bool(report["actor_checksum_matches_driver"] and not report["models_missing"]
                             and task_info["aesformer_version"] == actor_info["aesformer_version"])
         path = Path(cfg.output) / "doctor.json"
         path.write_text(json.dumps(report, indent=2))
@@ -57,6 +66,24 @@ def run(cfg: DoctorConfig) -> dict:
         tracker.log_metrics({"ok": float(report["ok"]), "cluster_cpus": report["cluster_resources"].get("CPU", 0)})
     log.info("doctor: %s; report at %s", "OK" if report["ok"] else "PROBLEMS", path)
     return {"report": str(path), "ok": report["ok"]}
+
+
+def model_report(cfg: DoctorConfig, ray) -> dict:
+    """{node: {models.<key>: problem or None}} for the models the profile
+    names, checked on the driver and from every node of the cluster."""
+    from aesformer.models import ModelNotFoundError, check_models_on_nodes, resolve_model
+
+    resolved, driver = {}, {}
+    for key in ("thinker", "judge", "editor"):
+        name = getattr(cfg.models, key)
+        try:
+            resolved[f"models.{key}"] = resolve_model(name, cfg.models.cache_dir, f"models.{key}")
+        except ModelNotFoundError as e:
+            driver[f"models.{key}"] = str(e)
+    report = check_models_on_nodes(ray, resolved)
+    for found in report.values():
+        found.update(driver)
+    return report
 
 
 def main(argv=None) -> dict:

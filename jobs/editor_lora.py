@@ -39,6 +39,7 @@ from aesformer.data import find_dataset, no_plans_error
 from aesformer.editor import DEFAULT_LORA_TARGETS, TARGET_ASPECTS
 from aesformer.editor_cache import CacheReader, collate, epoch_batches
 from aesformer.job import run_job
+from aesformer.storage import check_across_nodes
 from aesformer.synth import sample_aesrecon
 from aesformer.tracking import Tracker
 
@@ -415,7 +416,7 @@ def run(cfg: EditorLoraConfig) -> dict:
     out = Path(cfg.output)
     with Tracker.start(cfg, "editor_lora") as tracker:
         with tracker.phase("ray_init"):
-            init_ray(cfg.ray)
+            check_across_nodes(cfg, init_ray(cfg.ray))  # output shared by every node, no SQLite across nodes
         editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
         data = str(find_dataset(cfg.data)) if cfg.data is not None else None
         if data is None:

@@ -46,6 +46,9 @@ from aesformer.synth import sample_aesrecon
 from aesformer import checkpoints
 from aesformer.atomic import write_dir, write_json
 from aesformer.data import find_dataset, no_plans_error
+from aesformer.placement import STRATEGIES, PoolAsk, cluster_nodes, plan_table, shrink_cpus
+from aesformer.placement import plan as plan_pools
+from aesformer.storage import check_across_nodes
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("grpo_a")
@@ -69,6 +72,7 @@ class RolloutConfig:
     max_prompt_tokens: int = 2048
     max_pixels: int = 1048576
     chunk_prompts: int = 8  # prompts per generate call; scoring starts as each chunk finishes
+    resources: dict = field(default_factory=dict)  # custom resources per actor, e.g. {node_b: 1} pins it
 
 
 @dataclass
@@ -85,6 +89,7 @@ class RewardConfig:
     max_model_len: int = 8192
     max_pixels: int = 1048576
     chunk_plans: int = 64  # plans per scoring call
+    resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +99,7 @@ class ReferenceConfig:
     cpus_per_actor: float = 2.0
     dtype: str = "bfloat16"
     micro_batch: int = 8
+    resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -113,7 +119,8 @@ class LearnerConfig:
     loss_agg: str = "token-mean"
     freeze_vision: bool = True
     gradient_checkpointing: bool = True
-    placement: str = "PACK"  # STRICT_PACK keeps the group on one node
+    placement: str = "auto"  # auto: STRICT_PACK (one node) when a node can hold the group, else PACK
+    resources: dict = field(default_factory=dict)
     sync_chunk_mb: int = 256  # weights travel to the rollout engines in chunks of this size
 
 
@@ -137,6 +144,7 @@ class GrpoAConfig(JobConfig):
     resume: str = "auto"  # auto | never | <checkpoint folder>
     stop_after: Optional[int] = None  # end this run after k steps (resume=auto continues)
     export_model: bool = True  # write the final policy to <output>/model
+    plan_only: bool = False  # check that the pools fit the cluster, print where each goes, and stop
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -162,6 +170,8 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError(f"learner.kl_estimator must be one of {', '.join(KL_KINDS)}")
     if cfg.rollout.n < 2:
         raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
+    if cfg.learner.placement not in STRATEGIES:
+        raise ConfigError(f"learner.placement must be one of {', '.join(STRATEGIES)}, got '{cfg.learner.placement}'")
     checkpoints.check_resume(cfg.resume)
 
 
@@ -170,8 +180,48 @@ def check_inputs(cfg: GrpoAConfig) -> None:
     check_config(cfg)
     if cfg.data is not None:
         cfg.data = str(find_dataset(cfg.data))
-    elif cfg.profile != "tiny":
+    elif cfg.profile != "tiny" and not cfg.plan_only:  # a plan check reads no data
         raise ConfigError("data= is required: the AesRecon folder to train on")
+
+
+# -- placement --------------------------------------------------------------------------
+
+def pool_asks(cfg: GrpoAConfig) -> list[PoolAsk]:
+    """What each pool asks of the cluster, the learner group first (it is placed first)."""
+    from aesformer.actors.reward import needs_judge
+
+    ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
+    judge = needs_judge(rw.weights, rw.alignment)
+    asks = [PoolAsk("learner", ln.workers, {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker, **ln.resources},
+                    ln.placement),
+            PoolAsk("rollout", ro.actors, {"CPU": ro.cpus_per_actor, "GPU": ro.gpus_per_actor, **ro.resources}),
+            PoolAsk("reward", rw.actors, {"CPU": rw.cpus_per_actor, "GPU": rw.gpus_per_actor if judge else 0,
+                                          **rw.resources})]
+    if ln.kl_coef != 0:
+        asks.append(PoolAsk("reference", rf.actors, {"CPU": rf.cpus_per_actor, "GPU": rf.gpus_per_actor,
+                                                     **rf.resources}))
+    return asks
+
+
+def fit_pools(cfg: GrpoAConfig, nodes) -> tuple[list[PoolAsk], dict]:
+    """Check the pools against the cluster's nodes before anything loads
+    (PlacementError with the table when they do not fit). With
+    ``ray.fit_cpus`` the CPU asks shrink to the cluster first. The learner's
+    strategy and the CPU asks the pools will use are written back to ``cfg``."""
+    asks = pool_asks(cfg)
+    if cfg.ray.fit_cpus:
+        factor = shrink_cpus(asks, nodes)
+        if factor < 1:
+            log.info("pools ask more CPUs than the cluster has: CPU asks scaled by %.2f (ray.fit_cpus)", factor)
+    placed = plan_pools(asks, nodes)
+    cpus = {a.name: a.bundle.get("CPU", 0.0) for a in asks}
+    cfg.learner.cpus_per_worker = cpus["learner"]
+    cfg.rollout.cpus_per_actor = cpus["rollout"]
+    cfg.reward.cpus_per_actor = cpus["reward"]
+    if "reference" in cpus:
+        cfg.reference.cpus_per_actor = cpus["reference"]
+    cfg.learner.placement = placed["learner"]["strategy"]
+    return asks, placed
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -288,8 +338,6 @@ class Trainer:
             raise
 
     def _start(self, policy: str, judge: Optional[str]) -> None:
-        import ray
-
         from aesformer.actors.learner import LearnerWorker
         from aesformer.actors.pool import ActorPool
         from aesformer.actors.reference import ReferenceWorker
@@ -300,32 +348,9 @@ class Trainer:
         cfg = self.cfg
         ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
         self.weights_version, self.weights_refs = 0, []
-        max_len = ro.max_prompt_tokens + ro.max_tokens
-        rollout_opts = dict(dtype=ro.dtype, max_pixels=ro.max_pixels, tensor_parallel_size=ro.tensor_parallel,
-                            gpu_memory_utilization=ro.gpu_memory_utilization, max_model_len=max_len,
-                            seed=cfg.seed)
-        self.rollout = ActorPool(f"{self.tag}-rollout", RolloutWorker, ro.actors,
-                                 {"CPU": ro.cpus_per_actor, "GPU": ro.gpus_per_actor},
-                                 lambda i: (ro.engine, policy, rollout_opts), on_start=self._push_current_weights)
-        self.pools.append(self.rollout)
-        judge_needed = needs_judge(rw.weights, rw.alignment)
-        reward_opts = dict(dtype=rw.dtype, max_pixels=rw.max_pixels, tensor_parallel_size=rw.tensor_parallel,
-                           gpu_memory_utilization=rw.gpu_memory_utilization, max_model_len=rw.max_model_len,
-                           seed=cfg.seed)
-        reward_bundle = {"CPU": rw.cpus_per_actor, "GPU": rw.gpus_per_actor if judge_needed else 0}
-        self.reward = ActorPool(f"{self.tag}-reward", RewardWorker, rw.actors, reward_bundle,
-                                lambda i: (rw.engine, judge if judge_needed else None, reward_opts,
-                                           list(rw.weights), rw.alignment))
-        self.pools.append(self.reward)
-        self.use_reference = ln.kl_coef != 0
-        self.reference = None
-        if self.use_reference:
-            self.reference = ActorPool(f"{self.tag}-reference", ReferenceWorker, rf.actors,
-                                       {"CPU": rf.cpus_per_actor, "GPU": rf.gpus_per_actor},
-                                       lambda i: (policy, rf.dtype if rf.gpus_per_actor else "float32", None,
-                                                  rf.micro_batch, ro.max_pixels))
-            self.pools.append(self.reference)
-        # the learner group: one placement group, rank 0 hosts the process group
+        timeouts = dict(ready_timeout=cfg.ray.placement_timeout, call_timeout=cfg.ray.call_timeout)
+        # the learner group first (its placement is the hardest): one placement group,
+        # rank 0 hosts the process group
         update_seqs = cfg.prompts_per_update * ro.n
         per_rank = math.ceil(update_seqs / ln.workers)
         settings = dict(zero_stage=ln.zero_stage, bf16=ln.bf16, lr=ln.lr, weight_decay=ln.weight_decay,
@@ -335,12 +360,39 @@ class Trainer:
                         freeze_vision=ln.freeze_vision, gradient_checkpointing=ln.gradient_checkpointing,
                         temperature=ro.temperature, max_pixels=ro.max_pixels)
         self.learner = ActorPool(f"{self.tag}-learner", LearnerWorker, ln.workers,
-                                 {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker},
-                                 lambda i: (i, ln.workers, policy, settings), strategy=ln.placement, max_restarts=0)
-        master = ray.get(self.learner.actors[0].address.remote())
-        info = ray.get(self.learner.call_all("setup", *master))
+                                 {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker, **ln.resources},
+                                 lambda i: (i, ln.workers, policy, settings), strategy=ln.placement, max_restarts=0,
+                                 **timeouts)
+        master = self.learner.get(self.learner.actors[0].address.remote(), "address")
+        info = self.learner.get_all("setup", *master)
         log.info("learner group ready: %d workers, %s trainable parameters", ln.workers,
                  f"{info[0]['trainable_parameters']:,}")
+        max_len = ro.max_prompt_tokens + ro.max_tokens
+        rollout_opts = dict(dtype=ro.dtype, max_pixels=ro.max_pixels, tensor_parallel_size=ro.tensor_parallel,
+                            gpu_memory_utilization=ro.gpu_memory_utilization, max_model_len=max_len,
+                            seed=cfg.seed)
+        self.rollout = ActorPool(f"{self.tag}-rollout", RolloutWorker, ro.actors,
+                                 {"CPU": ro.cpus_per_actor, "GPU": ro.gpus_per_actor, **ro.resources},
+                                 lambda i: (ro.engine, policy, rollout_opts), on_start=self._push_current_weights,
+                                 **timeouts)
+        self.pools.append(self.rollout)
+        judge_needed = needs_judge(rw.weights, rw.alignment)
+        reward_opts = dict(dtype=rw.dtype, max_pixels=rw.max_pixels, tensor_parallel_size=rw.tensor_parallel,
+                           gpu_memory_utilization=rw.gpu_memory_utilization, max_model_len=rw.max_model_len,
+                           seed=cfg.seed)
+        reward_bundle = {"CPU": rw.cpus_per_actor, "GPU": rw.gpus_per_actor if judge_needed else 0, **rw.resources}
+        self.reward = ActorPool(f"{self.tag}-reward", RewardWorker, rw.actors, reward_bundle,
+                                lambda i: (rw.engine, judge if judge_needed else None, reward_opts,
+                                           list(rw.weights), rw.alignment), **timeouts)
+        self.pools.append(self.reward)
+        self.use_reference = ln.kl_coef != 0
+        self.reference = None
+        if self.use_reference:
+            self.reference = ActorPool(f"{self.tag}-reference", ReferenceWorker, rf.actors,
+                                       {"CPU": rf.cpus_per_actor, "GPU": rf.gpus_per_actor, **rf.resources},
+                                       lambda i: (policy, rf.dtype if rf.gpus_per_actor else "float32", None,
+                                                  rf.micro_batch, ro.max_pixels), **timeouts)
+            self.pools.append(self.reference)
 
     def shutdown(self) -> None:
         for pool in self.pools + ([self.learner] if self.learner else []):
@@ -353,9 +405,7 @@ class Trainer:
 
     def sync(self, version: int) -> dict:
         """Gather the learner's weights and load them into every rollout engine."""
-        import ray
-
-        out = ray.get(self.learner.call_all("weights", self.cfg.learner.sync_chunk_mb << 20))[0]
+        out = self.learner.get_all("weights", self.cfg.learner.sync_chunk_mb << 20)[0]
         self.weights_version, self.weights_refs = version, out["refs"]
         for i in range(self.rollout.size):
             self.rollout.submit(("sync", i), "update_weights", version, *out["refs"], index=i)
@@ -383,7 +433,7 @@ class Trainer:
         marks = {"rollout_end": t0, "reward_start": None, "reward_end": t0, "reference_start": None,
                  "reference_end": t0}
         pools = [self.rollout, self.reward] + ([self.reference] if with_reference else [])
-        for pool, key, value in as_completed(pools):
+        for pool, key, value in as_completed(pools, self.cfg.ray.call_timeout):
             now = time.perf_counter()
             if pool is self.rollout:
                 done[key] = value
@@ -425,8 +475,6 @@ class Trainer:
 
     def update(self, samples: list[dict]) -> dict:
         """Advantages, then the learner's update(s) on the whole batch."""
-        import ray
-
         from aesformer.grpo import group_advantages
 
         n = self.cfg.rollout.n
@@ -441,7 +489,7 @@ class Trainer:
         W = self.learner.size
         refs = [w.update.remote([mb[r::W] for mb in minibatches], totals, lean[0])
                 for r, w in enumerate(self.learner.actors)]
-        parts = ray.get(refs)
+        parts = self.learner.get(refs, "update")
         total = {k: sum(p[k] for p in parts) for k in parts[0] if k not in ("mismatch_max", "grad_norm")}
         tokens = max(1.0, total["tokens"])
         return {"logprob_mismatch": total["mismatch"] / tokens,
@@ -470,9 +518,17 @@ def run(cfg: GrpoAConfig) -> dict:
     """Trains; returns the output folder, the final model, the last step's
     metrics, the checkpoint folder and the actor restarts."""
     from aesformer.actions import thinker_instruction
-    from aesformer.models import resolve_model
+    from aesformer.models import require_models_on_nodes, resolve_model
 
     check_config(cfg)
+    # the pools must fit the cluster, and every node see the output, before any data or model loads
+    ray = init_ray(cfg.ray)
+    asks, placed = fit_pools(cfg, cluster_nodes(ray))
+    log.info("pools on the cluster (learner first):\n%s", plan_table(asks, placed))
+    if cfg.plan_only:
+        print(plan_table(asks, placed))
+        return {"plan": placed, "table": plan_table(asks, placed)}
+    check_across_nodes(cfg, ray)  # an output every node sees, no SQLite tracking store across nodes
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
@@ -490,9 +546,11 @@ def run(cfg: GrpoAConfig) -> dict:
     if not len(train):
         raise no_plans_error(data, "data", "train")
     val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl")
-    policy = prepare_policy(resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir,
-                                          "init" if cfg.init else "models.thinker"), out / "init_policy")
+    policy_key = "init" if cfg.init else "models.thinker"
+    policy = resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir, policy_key)
     judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
+    require_models_on_nodes(ray, {policy_key: policy, "models.judge": judge})  # on every node, before loading
+    policy = prepare_policy(policy, out / "init_policy")
     steps_per_epoch = math.ceil(len(train) / cfg.prompts_per_step)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
 
@@ -507,12 +565,12 @@ def run(cfg: GrpoAConfig) -> dict:
     if rng_state is not None:
         rng.bit_generator.state = rng_state
 
-    ray = init_ray(cfg.ray)
     if state.get("mlflow_run_id") and cfg.tracking.enabled:
         tracker = Tracker.attach(state.get("mlflow_uri"), state["mlflow_run_id"])
     else:
         tracker = Tracker.start(cfg, "grpo_a")
-    result: dict = {"output": str(out), "data": str(data), "init": policy, "restarts": 0, "resumed_from": None}
+    result: dict = {"output": str(out), "data": str(data), "init": policy, "restarts": 0, "resumed_from": None,
+                    "placement": placed}
     steps_path = out / "steps.jsonl"
     if resume_dir is not None and steps_path.exists():  # drop steps after the checkpoint: they are redone
         kept = [line for line in steps_path.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
@@ -522,8 +580,8 @@ def run(cfg: GrpoAConfig) -> dict:
     try:
         trainer = Trainer(cfg, policy, judge)
         if resume_dir is not None:
-            ray.get(trainer.learner.call_all("load", str(resume_dir)))
-            checksum = ray.get(trainer.learner.call_all("checksum"))[0]
+            trainer.learner.get_all("load", str(resume_dir))
+            checksum = trainer.learner.get_all("checksum")[0]
             if state.get("weights_sha256") and checksum != state["weights_sha256"]:
                 raise RuntimeError(f"the weights loaded from {resume_dir} differ from the ones saved there")
             trainer.sync(state["step"])
@@ -583,8 +641,8 @@ def run(cfg: GrpoAConfig) -> dict:
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps or stopping:
                 t = time.perf_counter()
                 folder = ckpt_root / f"step-{step:06d}"
-                ray.get(trainer.learner.call_all("save", str(folder), {"step": step}))
-                checksum = ray.get(trainer.learner.call_all("checksum"))[0]
+                trainer.learner.get_all("save", str(folder), {"step": step})
+                checksum = trainer.learner.get_all("checksum")[0]
                 checkpoints.write_state(folder, {
                     "step": step, "data_position": position, "rng": rng.bit_generator.state,
                     "weights_sha256": checksum, "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
@@ -599,7 +657,7 @@ def run(cfg: GrpoAConfig) -> dict:
         steps_bar.close()
         finished = last_step == total_steps
         if cfg.export_model and finished:
-            result["model"] = ray.get(trainer.learner.call_all("export", str(out / "model")))[0]
+            result["model"] = trainer.learner.get_all("export", str(out / "model"))[0]
         result.update(steps=run_steps, last_step=last_step, total_steps=total_steps,
                       metrics=last, finished=finished, restarts=sum(p.restarts for p in trainer.pools))
         write_json(out / "result.json", {k: v for k, v in result.items()})

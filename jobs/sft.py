@@ -38,6 +38,7 @@ from aesformer.progress import RemoteProgress
 from aesformer.config import ConfigError, JobConfig, parse_workers
 from aesformer.data import no_plans_error
 from aesformer.job import run_job
+from aesformer.storage import check_across_nodes
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("sft")
@@ -394,6 +395,7 @@ def run(cfg: SFTConfig) -> dict:
     _check(cfg)
     workers = parse_workers(cfg.num_workers)
     ray = init_ray(cfg.ray)
+    check_across_nodes(cfg, ray)  # output shared by every node, no SQLite tracking file across nodes
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.data import ExecutionOptions

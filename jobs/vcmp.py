@@ -32,9 +32,9 @@ from aesformer.config import ConfigError, JobConfig
 from aesformer.job import run_job
 from aesformer.progress import DETAIL, Progress
 from aesformer.tracking import Tracker
-from aesformer.vcmp.settings import (AlignConfig, GoodFrameConfig, IngestConfig, OverlayConfig, PoolsConfig,
-                                     PrefilterConfig, QualityConfig, SampleConfig, ScreenConfig, SegmentConfig,
-                                     SplitConfig)
+from aesformer.vcmp.settings import (AlignConfig, GoodFrameConfig, ImprovementConfig, IngestConfig, OverlayConfig,
+                                     PoolsConfig, PrefilterConfig, QualityConfig, SampleConfig, ScreenConfig,
+                                     SegmentConfig, SplitConfig)
 
 log = logging.getLogger("vcmp")
 
@@ -58,11 +58,15 @@ class VcmpConfig(JobConfig):
     sample: SampleConfig = field(default_factory=SampleConfig)
     prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
     good_frame: GoodFrameConfig = field(default_factory=GoodFrameConfig)
+    improvement: ImprovementConfig = field(default_factory=ImprovementConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
+    # run stages good_frame to align in one actor pool (pools.pairs) sharing one judge: on CPU
+    # machines, where a pool per stage is a process and a model copy per stage
+    fuse_pair_stages: bool = False
     # CPUs per task of the CPU stages (segmentation, sampling + prefilters)
     cpu_stage_cpus: float = 1.0
     # at most this many tasks of each CPU stage at once (null: as many as the CPUs allow);
@@ -124,8 +128,9 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
 
     import functools
 
-    from aesformer.actors.vcmp_actors import (CheckAlignment, FilterGoodImages, JudgeGoodFrames, RemoveOverlays,
-                                              ScreenVideos, cpu_task_args, sample_batch, segment_batch)
+    from aesformer.actors.vcmp_actors import (CheckAlignment, FilterGoodImages, JudgeGoodFrames, MinePairs,
+                                              RemoveOverlays, ScreenVideos, cpu_task_args, sample_batch,
+                                              segment_batch)
     from aesformer.models import resolve_model
     from aesformer.vcmp import rows as R
 
@@ -148,7 +153,12 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
     cpu = dict(ray_remote_args_fn=functools.partial(cpu_task_args, cfg.cpu_stage_cpus),
                compute=TaskPoolStrategy(size=cfg.cpu_stage_tasks), batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
-    ds = ds.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter}, **cpu)
+    ds = ds.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter,
+                                                  "improvement": cfg.improvement}, **cpu)
+    if cfg.fuse_pair_stages:
+        return ds.map_batches(**pool(MinePairs, P.pairs, judge=judge, editor=editor, good=cfg.good_frame,
+                                     quality=cfg.quality, overlay=cfg.overlay, align=cfg.align, seed=cfg.seed,
+                                     image_format=cfg.sample.image_format, **common))
     ds = ds.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=judge, good=cfg.good_frame, **common))
     ds = ds.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
     ds = ds.map_batches(**pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay,

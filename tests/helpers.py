@@ -158,3 +158,82 @@ def submit_job(head: dict, entrypoint: list[str], timeout: int = 600, attempts: 
             raise AssertionError(f"job submit exited {proc.returncode}\n--- stdout\n{proc.stdout[-8000:]}\n--- stderr\n{proc.stderr[-4000:]}")
         time.sleep(5)
     raise AssertionError("unreachable")
+
+
+def local_cluster_module():
+    """cluster/local_cluster.py, the multi-node cluster on one machine."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_cluster", REPO / "cluster" / "local_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("local_cluster", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:4]} exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {timeout}s: {log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def s3_server(folder: Path, bucket: str = "aesformer") -> Iterator[dict]:
+    """moto's S3 server on 127.0.0.1 with one bucket; yields the environment
+    a client needs (credentials and endpoint in environment variables)."""
+    import signal
+
+    port = free_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    log_path = folder / "moto.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/", proc, log_path)
+            import boto3
+
+            boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id="testing",
+                         aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+            yield {"env": env, "bucket": bucket, "endpoint": env["AWS_ENDPOINT_URL_S3"]}
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, artifacts: str, env: dict) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1: a SQLite backend in ``folder`` (the
+    head's disk), artifacts proxied to ``artifacts`` (e.g. s3://bucket/mlflow).
+    Yields its URI."""
+    import signal
+
+    port = free_port()
+    log_path = folder / "mlflow-server.log"
+    cmd = [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                start_new_session=True)
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/health", proc, log_path, timeout=300)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

@@ -36,8 +36,10 @@ def test_job_file_with_the_tiny_profile_finishes(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_ray_job_submit_to_a_cluster_without_the_project(tmp_path):
+    """The README's command against a plain ``ray start --head`` on a 2-core
+    machine: the tiny profile's pools (6 CPUs of asks) shrink to the 2 CPUs."""
     out = tmp_path / "grpo"
-    with ray_head_without_project(num_cpus=8) as head:
+    with ray_head_without_project(num_cpus=2) as head:
         proc = submit_job(head, ["python", "jobs/grpo_a.py", "profile=tiny", f"output={out}"], timeout=800)
         assert "succeeded" in proc.stdout.lower() + proc.stderr.lower()
     check_tiny_run(out)

@@ -57,12 +57,12 @@ def _pairs(folder):
     return {r["id"]: r for r in rows}
 
 
-def test_tiny_profile_recovers_90_percent_of_events_with_few_false_pairs(clean_run, samples):
+def test_tiny_profile_recovers_90_percent_of_events_with_95_percent_precision(clean_run, samples):
     pairs = list(_pairs(clean_run["pairs_dir"]).values())
     ev = evaluate(pairs, load_truths(samples))
     assert ev["events"] >= 24  # 12 videos, 2-3 events each
     assert ev["recall"] >= 0.9, ev
-    assert ev["false_rate"] <= 0.1, ev
+    assert ev["false_rate"] <= 0.05, ev  # precision at least 0.95
 
 
 def test_vlm_stages_run_and_every_pair_keeps_its_scores_and_decisions(clean_run):
@@ -147,9 +147,10 @@ def broken_run(samples, tmp_path_factory, ray_session, clean_run):
     out = tmp_path_factory.mktemp("vcmp_broken")
     # one video at a time through each stage, each made durable as it finishes: the
     # first record appears while the later videos are still in the stream
+    # (and a pool per model stage, as on a GPU cluster: the clean run had them in one actor)
     narrow = [f"pools.{p}.batch_size=1" for p in ("screen", "good_frame", "quality", "overlay", "align")]
     args = [f"input={folder}", f"output={out}", "tracking.enabled=false", "shard_rows=4", "checkpoint_s=0",
-            "cpu_stage_tasks=1", *narrow]
+            "cpu_stage_tasks=1", "fuse_pair_stages=false", *narrow]
     address = ray_session.get_runtime_context().gcs_address
     log_path = tmp_path_factory.mktemp("vcmp_killed_log") / "driver.log"
     log_file = open(log_path, "w")

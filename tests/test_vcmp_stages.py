@@ -294,3 +294,121 @@ def test_a_stage_failure_marks_the_row_and_spares_the_others():
     assert out["bad"]["error"]["stage"] == "align"
     assert out["bad"]["pairs"][0]["dropped"] == "align"
     assert "decoder exploded" in out["bad"]["pairs"][0]["reason"]
+
+
+# -- a pair must show an improvement; blurred and captioned stills are not results ------------------
+
+def _tutorial_views():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tutorial_videos as TV
+
+    src = TV.photo("china")
+    good, poor, _ = TV.views(src, np.random.default_rng(3))
+    return TV, TV.fill(good, (320, 180)), TV.fill(poor, (320, 180))
+
+
+def test_view_change_tells_the_same_picture_from_a_reframing():
+    import io
+
+    from aesformer.vcmp.align import view_change
+
+    TV, good, poor = _tutorial_views()
+    rng = np.random.default_rng(0)
+    noisy = np.clip(poor + rng.normal(0, 8, poor.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(poor).save(buf, format="JPEG", quality=30)
+    compressed = np.asarray(Image.open(buf).convert("RGB"))
+    captioned = TV.overlay(poor, "boxed", "Now look at the result")
+    held = TV.jitter(poor, 2.5, -2.0, 0.6)  # a hand's jitter
+    for name, frame in {"identical": poor, "noise": noisy, "compression": compressed, "caption": captioned,
+                        "jitter": held}.items():
+        v = view_change(poor, frame)
+        assert v["same"], (name, v)
+        assert v["reason"].startswith("no improvement"), v
+    moved = view_change(poor, good)
+    assert not moved["same"], moved
+    # a heavily blurred still whose caption changes: too few features, and the thumbnails agree
+    a = TV.still(TV.photo("flower"), (320, 180), "Here is the trick I use", True, "outline")
+    b = TV.still(TV.photo("flower"), (320, 180), "See you in the next lesson", True, "outline")
+    v = view_change(a, b)
+    assert v["same"], v
+
+
+def test_detail_sees_through_captions_and_plausible_rejects_blurred_results():
+    from aesformer.vcmp.prefilter import detail, frame_checks, plausible, sharpness
+
+    TV, good, poor = _tutorial_views()
+    blurred = TV.still(TV.photo("china"), (320, 180), "Here is the trick I use", True, "box")
+    # the caption gives the blurred still edges (sharpness) but no detail
+    assert sharpness(blurred) > 30 and detail(blurred) < 60 < detail(good)
+    soft = np.asarray(Image.fromarray(good).filter(ImageFilter.GaussianBlur(3)))
+    checks = [frame_checks(TV.overlay(poor, "ticker", "Closer"), 0.03), frame_checks(good, 0.0),
+              frame_checks(blurred, 0.0), frame_checks(soft, 0.0)]
+    got = plausible(checks, overlay_max=0.75, min_sharpness=30, rel_sharpness=0.6, max_motion=0.005,
+                    min_detail=60, rel_detail=0.025)
+    assert got[1] == (True, "plausible")
+    assert got[2][1].startswith("captioned still"), got[2]
+    assert not got[3][0] and got[3][1].startswith("blurred"), got[3]
+
+
+def test_a_frame_showing_the_poor_view_gives_no_pair():
+    from aesformer.vcmp.pairs import choose_good_frames
+
+    same = {"reason": "no improvement: the poor frame's view (40 features match, scale 1.00, tilt 0.1 deg)"}
+    frames = [{"t": 0.0, "good": False}, {"t": 1.5, "good": True, "vlm": 0.9, "same_view": True, "view": same},
+              {"t": 3.0, "good": True, "vlm": 0.6, "same_view": False, "view": {"reason": "view changed"}}]
+    chosen, skipped = choose_good_frames(frames, max_per_segment=2, min_gap_s=1.0, min_after_poor_s=1.0)
+    assert chosen == [2]
+    assert skipped == {1: same["reason"]}
+
+
+def test_a_cut_from_the_poor_view_to_the_result_stays_one_segment(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tutorial_videos as TV
+
+    from aesformer.vcmp.segment import segment_video
+
+    truth = TV.tutorial(tmp_path / "cut.mp4", ["china"], np.random.default_rng(1), 2)
+    e = truth["events"][0]
+    assert e["transition_kind"] == "cut"
+    segs = segment_video(str(tmp_path / "cut.mp4"), truth["duration"])
+    assert any(abs(s["start"] - e["start"]) <= 0.1 and s["end"] >= e["good"][1] - 0.1 for s in segs), (e, segs)
+
+
+@pytest.mark.timeout(600)
+def test_fused_pair_stages_decide_like_separate_ones(video, tiny_models):
+    """MinePairs (stages good_frame to align in one actor, one judge) gives
+    the rows the four stage callables give one after another."""
+    from aesformer.actors.vcmp_actors import (CheckAlignment, FilterGoodImages, JudgeGoodFrames, MinePairs,
+                                              RemoveOverlays)
+    from aesformer.jobs.vcmp import VcmpConfig
+    from aesformer.config import load_config
+    from aesformer.vcmp import rows as R
+    from aesformer.vcmp.flow import sample_stage, segment_stage
+    from aesformer.vcmp.ingest import probe
+
+    path, truth = video
+    cfg = load_config(VcmpConfig, "vcmp", ["input=x"])
+    row = R.new_row({"video_id": "v", "path": str(path)}, {"probe": probe(path), "screen": {"keep": True}})
+    segs = [sample_stage(s, cfg.sample, cfg.prefilter, cfg.improvement) for s in segment_stage(row, cfg.segment)]
+    table = R.table(segs)
+    common = dict(judge=tiny_models["judge"], engine="hf", max_pixels=cfg.judge_max_pixels, batch_size=8)
+    fused = MinePairs(editor=tiny_models["editor"], good=cfg.good_frame, quality=cfg.quality,
+                      overlay=cfg.overlay, align=cfg.align, **common)
+    got = [R.info(r) for r in R.rows_of(fused(table))]
+    want = table
+    for stage in (JudgeGoodFrames(good=cfg.good_frame, **common), FilterGoodImages(quality=cfg.quality, **common),
+                  RemoveOverlays(editor=tiny_models["editor"], overlay=cfg.overlay, **common),
+                  CheckAlignment(align=cfg.align, **common)):
+        want = stage(want)
+    want = [R.info(r) for r in R.rows_of(want)]
+    decided = lambda infos: [[(p["id"], p["dropped"], [d["stage"] for d in p["decisions"]]) for p in i.get("pairs", [])]
+                             for i in infos]
+    assert decided(got) == decided(want)
+    assert any(i.get("pairs") for i in got)

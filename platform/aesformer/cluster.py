@@ -17,14 +17,19 @@ log = logging.getLogger(__name__)
 
 # Environment every worker gets: one torch thread is ~35x faster for tiny
 # models on small machines, and it avoids oversubscription on large ones.
+# Hugging Face's offline mode is the user's choice: it reaches the workers
+# only when the driver's environment sets it (a hub id then never downloads).
 def worker_env(threads: int = 1) -> dict[str, str]:
-    return {
+    env = {
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     }
+    for name in ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
 
 
 def use_worker_threads() -> None:

@@ -37,6 +37,13 @@ class RayConfig:
     ship_code: bool = True
     # Torch threads inside every Ray worker; 1 is much faster for tiny models.
     worker_threads: int = 1
+    # Seconds a pool may wait to be placed, and a call on a pool to finish,
+    # before the job fails naming the pool (the fit is checked before either).
+    placement_timeout: float = 120.0
+    call_timeout: float = 3600.0
+    # Shrink the pools' CPU asks to the cluster's CPUs (for mostly idle
+    # actors, as the tiny profile's on a small machine).
+    fit_cpus: bool = False
 
 
 @dataclass

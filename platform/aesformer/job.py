@@ -86,7 +86,6 @@ def setup(schema: Type[T], job: str, argv: Optional[Sequence[str]] = None,
     """Resolve and check the config (exit 2 with the problem on a bad one),
     then create ``output``, write ``output/config.yaml`` and start the logs."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(schema, job, argv)

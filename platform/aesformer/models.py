@@ -204,3 +204,63 @@ def score_token_ids(tokenizer: Any) -> list[int]:
             raise AssertionError(f"score token {digit!r} is {len(enc)} tokens {enc} in this tokenizer")
         ids.append(enc[0])
     return ids
+
+
+# ---------------------------------------------------------------------------
+# Models on a cluster
+# ---------------------------------------------------------------------------
+def model_status(resolved: str) -> Optional[str]:
+    """Why ``resolved`` (what :func:`resolve_model` returned on the driver)
+    cannot be loaded on this node, or None when it can: a local folder must
+    exist here with a config; a hub id must be in this node's Hugging Face
+    cache, unless the hub is reachable (not HF_HUB_OFFLINE), when it
+    downloads once into the cache."""
+    path = Path(resolved).expanduser()
+    if path.is_absolute() or resolved.startswith((".", "~")):
+        if not path.is_dir():
+            return f"folder {resolved} does not exist on this node"
+        if not any((path / f).exists() for f in ("config.json", "model_index.json", "tiny.json")):
+            return f"folder {resolved} has no config.json or model_index.json"
+        return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(resolved, "config.json")
+        if not isinstance(cached, str):
+            cached = try_to_load_from_cache(resolved, "model_index.json")
+    except Exception as e:  # a malformed id
+        return f"hub id {resolved}: {e}"
+    if isinstance(cached, str):
+        return None
+    if offline:
+        return f"hub id {resolved} is not in this node's Hugging Face cache and HF_HUB_OFFLINE is set"
+    return None  # downloads on first use
+
+
+def check_models_on_nodes(ray, models: dict[str, str]) -> dict[str, dict[str, Optional[str]]]:
+    """Check from every alive node that each model (config key → resolved
+    name) loads there. Returns {node: {key: problem or None}}."""
+    from aesformer.storage import on_every_node
+
+    def probe(models: dict[str, str]) -> dict[str, Optional[str]]:
+        return {key: model_status(name) for key, name in models.items()}
+
+    return on_every_node(ray, probe, models)
+
+
+def require_models_on_nodes(ray, models: dict[str, str]) -> None:
+    """Before anything loads: each model (config key → resolved name) loads
+    on this node and, on a cluster of several nodes, on every node
+    (:func:`check_models_on_nodes`). Raises ConfigError naming every node and
+    model that is missing."""
+    from aesformer.config import ConfigError
+
+    report = {"driver": {key: model_status(name) for key, name in models.items()}}
+    if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        report.update(check_models_on_nodes(ray, models))
+    missing = [f"{node}: {key} ({problem})" for node, found in sorted(report.items())
+               for key, problem in found.items() if problem]
+    if missing:
+        raise ConfigError("models missing on the cluster's nodes: " + "; ".join(missing)
+                                 + ". Put them on a folder every node mounts, use a hub id, or copy them to each node")

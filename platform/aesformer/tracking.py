@@ -24,6 +24,24 @@ def default_uri(output: str | os.PathLike) -> str:
     return f"sqlite:///{Path(output).resolve() / 'mlflow' / 'mlflow.db'}"
 
 
+def check_tracking_across_nodes(cfg: Any, nodes: int) -> None:
+    """On a cluster of several nodes, refuse a tracking store that is a file
+    on the driver's disk (SQLite or a file: folder): other nodes cannot open
+    it, and a SQLite file must never be written from several machines."""
+    from aesformer.config import ConfigError
+
+    tc = cfg.tracking
+    if not tc.enabled or nodes < 2:
+        return
+    uri = tc.uri or default_uri(cfg.output)
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        raise ConfigError(
+            f"tracking.uri='{uri}' is a store on this node's disk, and this cluster has {nodes} nodes: workers "
+            f"elsewhere cannot open it. Start an MLflow tracking server (for example `mlflow server "
+            f"--backend-store-uri sqlite:///mlflow.db --artifacts-destination s3://bucket/mlflow --host <head>`) "
+            f"and set tracking.uri=http://<head>:<port>, or set tracking.enabled=false")
+
+
 class Tracker:
     """One MLflow run; every call is a no-op when tracking is disabled."""
 

@@ -9,7 +9,12 @@ memory (summed RSS) of this process and every process it started (the local Ray:
   per-stage busy time (Ray Data task wall and CPU time), the fraction of
   sampled frames that reached the VLM, peak memory;
 - ``efficiency``: sum of stage busy time ÷ cores ÷ pipeline wall time
-  (the budget is ≥ 0.6), and the same with CPU time;
+  (the budget is ≥ 0.6), and ``efficiency_cpu`` the same with the stages'
+  CPU time; ``cpu_by_role_s``: the CPU seconds of every process of the job
+  (driver, each stage's workers, Ray's own processes) and ``job_cpu_share``
+  their sum ÷ cores ÷ job wall time; the number of processes (at the memory
+  peak and at most) and the 1-minute load average before and after (the
+  machine may be shared: a figure means little without it);
 - ``memory_ratio``: peak memory at ``large`` ÷ at ``small`` (the budget is
   that it does not grow: ≤ 1.15).
 
@@ -38,6 +43,26 @@ EFFICIENCY_BUDGET = 0.6
 MEMORY_GROWTH_BUDGET = 1.15
 
 
+def role(p) -> str:
+    """What a process of the local Ray is: the driver, a Ray Data worker of a
+    stage, an idle worker, or Ray's own system processes."""
+    try:
+        cmd = " ".join(p.cmdline())[:300]
+        name = p.name()
+    except Exception:
+        return "?"
+    if p.pid == os.getpid():
+        return "driver"
+    if "MapWorker" in name or "MapWorker" in cmd:
+        return "actor:" + (cmd.split("MapBatches(")[-1].split(")")[0] if "MapBatches(" in cmd else name)
+    if name.startswith("ray::"):
+        return "worker:" + name[5:40]
+    for sys_name in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor", "runtime_env", "agent"):
+        if sys_name in cmd:
+            return "ray:" + sys_name
+    return "other:" + name[:30]
+
+
 class PeakMemory:
     """Samples the summed RSS of this process and all its descendants (RSS
     counts shared libraries once per process, the same way at every size;
@@ -50,6 +75,10 @@ class PeakMemory:
         self.interval = interval
         self.peak = 0
         self.processes = 0  # processes counted at the peak
+        self.most_processes = 0
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid → (role, CPU seconds last seen)
+        self.cpu_at_start: dict[int, float] = {}
+        self._first = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -60,6 +89,10 @@ class PeakMemory:
         for p in [self.me] + self.me.children(recursive=True):
             try:
                 total += p.memory_info().rss
+                t = p.cpu_times()
+                if p.pid not in self.cpu:  # processes already there at the start count from then on
+                    self.cpu_at_start[p.pid] = t.user + t.system if self._first else 0.0
+                self.cpu[p.pid] = (role(p), t.user + t.system)
                 n += 1
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -67,8 +100,18 @@ class PeakMemory:
 
     def _update(self) -> None:
         total, n = self.sample()
+        self._first = False
+        self.most_processes = max(self.most_processes, n)
         if total > self.peak:
             self.peak, self.processes = total, n
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds used during the run by this process tree, by role
+        (processes that ended between two samples count up to their last sample)."""
+        out: dict[str, float] = {}
+        for pid, (r, sec) in self.cpu.items():
+            out[r] = round(out.get(r, 0.0) + sec - self.cpu_at_start.get(pid, 0.0), 2)
+        return out
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -91,9 +134,11 @@ def mine(videos: list[Path], out: Path, extra: list[str]) -> dict:
     listing = out.parent / f"{out.name}.txt"
     listing.write_text("".join(f"{v}\n" for v in videos))
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
     with PeakMemory() as mem:
         res = main([f"input={listing}", f"output={out}", "tracking.enabled=false", *extra])
     wall = time.perf_counter() - t0
+    load1 = os.getloadavg()[0]
     f = res["funnel"]
     frames = next(s["out"] for s in f["stages"] if s["stage"] == "sample")
     times = res["stage_times"]
@@ -108,8 +153,14 @@ def mine(videos: list[Path], out: Path, extra: list[str]) -> dict:
         "stage_cpu_s": {k: v["cpu_s"] for k, v in times.items()},
         "vlm_fraction": f["vlm_fraction"],
         "peak_memory_mb": round(mem.peak / 2 ** 20, 1), "processes_at_peak": mem.processes,
+        "processes_max": mem.most_processes,
         "efficiency": round(busy_wall / cores / pw, 3),
         "efficiency_cpu": round(busy_cpu / cores / pw, 3),
+        # where the job's CPU went (all its processes, whole job), and what the machine's load was
+        "cpu_by_role_s": dict(sorted(mem.cpu_by_role().items(), key=lambda kv: -kv[1])),
+        "cpu_all_s": round(sum(mem.cpu_by_role().values()), 2), "job_cpu_share": round(
+            sum(mem.cpu_by_role().values()) / cores / max(1e-9, wall), 3),
+        "loadavg_1m": [round(load0, 2), round(load1, 2)],
     }
 
 
@@ -148,7 +199,7 @@ def main(argv: list[str]) -> dict:
         "benchmark": "vcmp", "cores": os.cpu_count(), "make_samples_s": round(make_s, 1),
         str(small): res_small, str(large): res_large,
         "memory_ratio": round(res_large["peak_memory_mb"] / max(1e-9, res_small["peak_memory_mb"]), 3),
-        "efficiency": res_large["efficiency"],
+        "efficiency": res_large["efficiency"], "efficiency_cpu": res_large["efficiency_cpu"],
         "budgets": {"efficiency_min": EFFICIENCY_BUDGET, "memory_ratio_max": MEMORY_GROWTH_BUDGET},
     }
     out["ok"] = bool(out["efficiency"] >= EFFICIENCY_BUDGET and out["memory_ratio"] <= MEMORY_GROWTH_BUDGET)

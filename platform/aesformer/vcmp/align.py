@@ -33,9 +33,10 @@ def _grey_at(arr: np.ndarray, side: int) -> tuple[np.ndarray, float]:
 def geometric_check(poor: np.ndarray, good: np.ndarray, n_features: int = 1500, match_side: int = 320,
                     ratio: float = 0.8, ransac_px: float = 3.0,
                     poor_rows: tuple[float, float] = (0.12, 0.78)) -> dict:
-    """{matches, inliers, inlier_ratio, overlap, scale, rotation_deg} for a
-    poor and a good RGB frame; zeros when too few features match. ``scale``
-    and ``rotation_deg`` describe the fitted good → poor transform."""
+    """{matches, inliers, inlier_ratio, overlap, scale, rotation_deg, matrix}
+    for a poor and a good RGB frame; zeros when too few features match.
+    ``scale``, ``rotation_deg`` and ``matrix`` (2×3) describe the fitted
+    good → poor transform."""
     import cv2
 
     gp, sp = _grey_at(poor, match_side)
@@ -46,7 +47,8 @@ def geometric_check(poor: np.ndarray, good: np.ndarray, n_features: int = 1500, 
     mask[int(gp.shape[0] * poor_rows[0]):int(gp.shape[0] * poor_rows[1])] = 255
     kp_p, des_p = orb.detectAndCompute(gp, mask)
     kp_g, des_g = orb.detectAndCompute(gg, None)
-    empty = {"matches": 0, "inliers": 0, "inlier_ratio": 0.0, "overlap": 0.0, "scale": None, "rotation_deg": None}
+    empty = {"matches": 0, "inliers": 0, "inlier_ratio": 0.0, "overlap": 0.0, "scale": None, "rotation_deg": None,
+             "matrix": None}
     if des_p is None or des_g is None or len(kp_p) < 3 or len(kp_g) < 3:
         return empty
     bf = cv2.BFMatcher(cv2.NORM_HAMMING)
@@ -81,7 +83,65 @@ def geometric_check(poor: np.ndarray, good: np.ndarray, n_features: int = 1500, 
     mapped_area = abs(cv2.contourArea(mapped.astype(np.float32)))
     overlap = float(area / mapped_area) if mapped_area > 0 else 0.0
     return {"matches": len(pairs), "inliers": n_in, "inlier_ratio": round(n_in / len(pairs), 4),
-            "overlap": round(min(1.0, overlap), 4), "scale": round(scale, 4), "rotation_deg": round(rot, 3)}
+            "overlap": round(min(1.0, overlap), 4), "scale": round(scale, 4), "rotation_deg": round(rot, 3),
+            "matrix": [[round(float(v), 5) for v in r] for r in M]}
+
+
+def is_identity(check: dict, shape: tuple[int, int], max_scale_change: float, max_rotation_deg: float,
+                max_shift: float) -> bool:
+    """Whether a :func:`geometric_check` transform (``matrix`` good → poor
+    pixels) leaves the view where it was: scale, tilt and the move of the
+    frame's centre (as a fraction of the poor frame's diagonal) all small."""
+    M = check.get("matrix")
+    if M is None or check["scale"] is None:
+        return False
+    M = np.asarray(M, dtype=float)
+    h, w = shape[:2]
+    c = np.array([w / 2, h / 2])
+    moved = float(np.hypot(*(M[:, :2] @ c + M[:, 2] - c))) / math.hypot(w, h)
+    return (abs(check["scale"] - 1) <= max_scale_change and abs(check["rotation_deg"]) <= max_rotation_deg
+            and moved <= max_shift)
+
+
+def low_pass_change(poor: np.ndarray, frame: np.ndarray, width: int = 64) -> float:
+    """Median absolute difference (0..1) of two frames as blurred grey
+    thumbnails: noise and compression are blurred away and a caption or
+    overlay covers less than half the frame, so only a change of the view
+    itself moves the median."""
+    import cv2
+
+    a, _ = _grey_at(poor, width)
+    b = cv2.resize(_grey_at(frame, width)[0], (a.shape[1], a.shape[0]), interpolation=cv2.INTER_AREA)
+    a = cv2.GaussianBlur(a.astype(np.float32), (0, 0), 1.0)
+    b = cv2.GaussianBlur(b.astype(np.float32), (0, 0), 1.0)
+    return float(np.median(np.abs(a - b))) / 255.0
+
+
+def view_change(poor: np.ndarray, frame: np.ndarray, *, min_inliers: int = 8, max_scale_change: float = 0.05,
+                max_rotation_deg: float = 2.0, max_shift: float = 0.04, min_change: float = 0.03,
+                min_detail: float = 60.0, match_side: int = 320) -> dict:
+    """Does ``frame`` show an improvement over the ``poor`` frame, or the
+    same picture? {same, reason, scale, rotation_deg, inliers, change}.
+
+    The same picture: features of the whole frames (overlays included)
+    match under a near-identity transform — the same shot held, a hand's
+    jitter, noise, compression or a new caption — or, when too few features
+    match or one frame is a blurred still (its only features are a caption's
+    letters; :func:`aesformer.vcmp.prefilter.detail` below ``min_detail``),
+    the blurred thumbnails hardly differ."""
+    from aesformer.vcmp.prefilter import detail
+
+    g = geometric_check(poor, frame, match_side=match_side, poor_rows=(0.0, 1.0))
+    change = round(low_pass_change(poor, frame), 4)
+    out = {"scale": g["scale"], "rotation_deg": g["rotation_deg"], "inliers": g["inliers"], "change": change}
+    if g["inliers"] >= min_inliers and is_identity(g, poor.shape, max_scale_change, max_rotation_deg, max_shift):
+        return {**out, "same": True, "reason": f"no improvement: the poor frame's view ({g['inliers']} features "
+                                               f"match, scale {g['scale']:.2f}, tilt {g['rotation_deg']:.1f} deg)"}
+    featureless = g["inliers"] < min_inliers or min(detail(poor), detail(frame)) < min_detail
+    if featureless and change < min_change:
+        return {**out, "same": True, "reason": f"no improvement: hardly differs from the poor frame "
+                                               f"(change {change:.3f} < {min_change})"}
+    return {**out, "same": False, "reason": "view changed"}
 
 
 def plausible_transform(check: dict, min_inliers: int, min_inlier_ratio: float, min_overlap: float,

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from aesformer.vcmp import rows as R
+from aesformer.vcmp.align import view_change
 from aesformer.vcmp.ingest import ProbeError, content_hash, probe, reject
 from aesformer.vcmp.prefilter import frame_checks, plausible, trim_letterbox
 from aesformer.vcmp.sample import sample_segment
@@ -46,7 +47,8 @@ def segment_stage(row: dict, seg: Any) -> list[dict]:
     try:
         segments = segment_video(row["path"], duration, analysis_width=seg.analysis_width,
                                  cut_threshold=seg.cut_threshold, cut_ratio=seg.cut_ratio,
-                                 merge_similarity=seg.merge_similarity, min_shot_s=seg.min_shot_s)
+                                 merge_similarity=seg.merge_similarity, min_shot_s=seg.min_shot_s,
+                                 match_width=seg.match_width)
     except Exception as e:  # a decode failure mid-file: record it, finish the video
         data["error"] = {"stage": "segment", "reason": f"{type(e).__name__}: {e}"}
         return [R.with_info(row, data)]
@@ -62,10 +64,13 @@ def segment_stage(row: dict, seg: Any) -> list[dict]:
     return out
 
 
-def sample_stage(row: dict, sample: Any, pre: Any) -> dict:
+def sample_stage(row: dict, sample: Any, pre: Any, improvement: Any = None) -> dict:
     """Stages 4 and 5a: sample the segment at ``sample.fps``, run the cheap
     checks, keep images only of the first (poor) frame and of plausible
-    frames. Every frame's scores are kept in ``info["frames"]``."""
+    frames. Every frame's scores are kept in ``info["frames"]``; each
+    plausible frame also gets ``same_view`` and ``view`` (see
+    :func:`aesformer.vcmp.align.view_change`): whether it shows anything but
+    the poor frame's own view."""
     if row["kind"] != "segment":
         return row
     data = R.info(row)
@@ -76,11 +81,19 @@ def sample_stage(row: dict, sample: Any, pre: Any) -> dict:
         f = {"t": round(t, 4), "box": list(box), **frame_checks(crop, motion)}
         frames.append(f)
         arrays.append(crop)
-    verdicts = plausible(frames, pre.overlay_max, pre.min_sharpness, pre.rel_sharpness, pre.max_motion)
+    verdicts = plausible(frames, pre.overlay_max, pre.min_sharpness, pre.rel_sharpness, pre.max_motion,
+                         pre.min_detail, pre.rel_detail)
     images = []
     for i, (f, (ok, why)) in enumerate(zip(frames, verdicts)):
         f["plausible"], f["reason"] = bool(ok), why
         f["image"] = None
+        if i > 0 and ok and improvement is not None:
+            v = view_change(arrays[0], arrays[i], min_inliers=improvement.min_inliers,
+                            max_scale_change=improvement.max_scale_change,
+                            max_rotation_deg=improvement.max_rotation_deg, max_shift=improvement.max_shift,
+                            min_change=improvement.min_change, min_detail=pre.min_detail)
+            f["same_view"] = v.pop("same")
+            f["view"] = v
         if i == 0 or ok:
             f["image"] = len(images)
             images.append(R.encode(arrays[i], sample.image_format))

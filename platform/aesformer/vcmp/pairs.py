@@ -20,7 +20,10 @@ def choose_good_frames(frames: Sequence[dict], max_per_segment: int, min_gap_s: 
     ``frames``: dicts with ``t``, ``good`` (bool) and ``vlm``/``sharpness``
     scores; frame 0 is the poor frame. Good frames are ranked by VLM score,
     then sharpness; each chosen one is at least ``min_gap_s`` from the
-    others (near-duplicates of a held photo add nothing)."""
+    others (near-duplicates of a held photo add nothing). A frame marked
+    ``same_view`` (it shows the poor frame's own view: nothing improved,
+    see :func:`aesformer.vcmp.align.view_change`) is never chosen; its
+    reason is ``view["reason"]``."""
     skipped: dict[int, str] = {}
     if not frames:
         return [], skipped
@@ -30,6 +33,9 @@ def choose_good_frames(frames: Sequence[dict], max_per_segment: int, min_gap_s: 
     cands = []
     for i, f in enumerate(frames[1:], 1):
         if not f.get("good"):
+            continue
+        if f.get("same_view"):
+            skipped[i] = f["view"]["reason"]
             continue
         if f["t"] - t0 < min_after_poor_s:
             skipped[i] = f"only {f['t'] - t0:.1f}s after the poor frame"

@@ -4,7 +4,8 @@
   view: thin bright grid lines (a column or row that is a bright ridge over
   most of the frame) and subtitle or UI bands (a straight horizontal edge
   across nearly the whole width). Photographs rarely have either.
-- :func:`sharpness`: variance of the Laplacian at a fixed width.
+- :func:`sharpness`: variance of the Laplacian at a fixed width;
+  :func:`detail`: coarse tile-wise detail that captions and grid lines cannot fake.
 - motion (from :mod:`.sample`): change from the previous decoded frame.
 - :func:`trim_letterbox`: the box inside uniform black borders.
 """
@@ -86,25 +87,62 @@ def sharpness(arr: np.ndarray) -> float:
     return float(cv2.Laplacian(g, cv2.CV_32F).var())
 
 
+def detail(arr: np.ndarray, width: int = 64, tile: int = 8, quantile: float = 0.75) -> float:
+    """Sharpness that overlays cannot fake: the Laplacian energy (mean
+    square) of each ``tile``-pixel square of the grey frame at a coarse
+    ``width``, and the ``quantile`` of those tiles. At that scale thin grid
+    lines and caption text nearly vanish and cover a minority of tiles, so a
+    blurred still under a caption reads as blurred, while :func:`sharpness`
+    (the whole frame's variance at 256 px) counts the text's edges."""
+    import cv2
+
+    lap = cv2.Laplacian(_grey(arr, width), cv2.CV_32F) ** 2
+    H, W = lap.shape
+    h, w = max(1, H // tile), max(1, W // tile)
+    tiles = lap[:h * tile, :w * tile].reshape(h, tile, w, tile).mean(axis=(1, 3))
+    return float(np.quantile(tiles, quantile))
+
+
 def frame_checks(arr: np.ndarray, motion: Optional[float]) -> dict:
-    """The cheap scores of one frame: overlay, sharpness, motion."""
+    """The cheap scores of one frame: overlay, sharpness, detail, motion."""
     return {"overlay": round(overlay_score(arr), 4), "sharpness": round(sharpness(arr), 2),
-            "motion": None if motion is None else round(float(motion), 5)}
+            "detail": round(detail(arr), 2), "motion": None if motion is None else round(float(motion), 5)}
 
 
 def plausible(checks: Sequence[dict], overlay_max: float, min_sharpness: float, rel_sharpness: float,
-              max_motion: float) -> list[tuple[bool, str]]:
+              max_motion: float, min_detail: float = 0.0, rel_detail: float = 0.0) -> list[tuple[bool, str]]:
     """(plausible, reason) per frame of one segment, given their checks in
-    time order. The sharpness bar is absolute and relative to the sharpest
-    overlay-free frame of the segment (overlays add edges of their own); a
-    frame without a motion reading is not judged stable."""
-    top = max((c["sharpness"] for c in checks if c["overlay"] <= overlay_max), default=0.0)
+    time order; frame 0 is the poor view.
+
+    Sharpness bars: absolute and relative to the sharpest frame that could be
+    the result (overlay-free, detailed and still: overlays, captions and
+    transitions add or blur edges of their own); *detail* (see :func:`detail`) at least
+    ``min_detail`` — below it with edges enough for ``min_sharpness`` the
+    frame is a blurred still under a caption (narration B-roll) — and at
+    least ``rel_detail`` × the segment's most detailed frame and × the poor
+    view's. A frame without a motion reading is not judged stable."""
+    def candidate(c):  # could be the shown result: clean, detailed and held still
+        return (c["overlay"] <= overlay_max and (c.get("detail") is None or c["detail"] >= min_detail)
+                and c["motion"] is not None and c["motion"] <= max_motion)
+
+    top = max((c["sharpness"] for c in checks if candidate(c)), default=0.0)
+    details = [c.get("detail") for c in checks]
+    top_detail = max((d for d in details[1:] if d is not None), default=0.0)  # the poor view has its own bar
+    poor_detail = details[0] if details and details[0] is not None else 0.0
     out = []
     for c in checks:
+        d = c.get("detail")
         if c["overlay"] > overlay_max:
             out.append((False, f"overlay {c['overlay']:.2f} > {overlay_max}"))
-        elif c["sharpness"] < min_sharpness:
-            out.append((False, f"blurred: sharpness {c['sharpness']:.0f} < {min_sharpness}"))
+        elif d is not None and d < min_detail and c["sharpness"] >= min_sharpness:
+            out.append((False, f"captioned still: detail {d:.0f} < {min_detail}, edges only from text or overlays"))
+        elif c["sharpness"] < min_sharpness or (d is not None and d < min_detail):
+            out.append((False, f"blurred: sharpness {c['sharpness']:.0f} < {min_sharpness}" if c["sharpness"] < min_sharpness
+                        else f"blurred: detail {d:.0f} < {min_detail}"))
+        elif d is not None and d < rel_detail * top_detail:
+            out.append((False, f"blurred: detail {d:.0f} < {rel_detail} x segment best {top_detail:.0f}"))
+        elif d is not None and d < rel_detail * poor_detail:
+            out.append((False, f"blurred: detail {d:.0f} < {rel_detail} x poor view {poor_detail:.0f}"))
         elif c["sharpness"] < rel_sharpness * top:
             out.append((False, f"blurred: sharpness {c['sharpness']:.0f} < {rel_sharpness} x segment best {top:.0f}"))
         elif c["motion"] is None or c["motion"] > max_motion:

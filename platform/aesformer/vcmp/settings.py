@@ -26,6 +26,8 @@ class PoolsConfig:
     quality: PoolConfig = field(default_factory=PoolConfig)
     overlay: PoolConfig = field(default_factory=PoolConfig)
     align: PoolConfig = field(default_factory=PoolConfig)
+    # stages good_frame to align in one pool (fuse_pair_stages: true)
+    pairs: PoolConfig = field(default_factory=PoolConfig)
 
 
 @dataclass
@@ -64,6 +66,9 @@ class SegmentConfig:
     merge_similarity: float = 0.45
     # shots shorter than this merge into their more similar neighbour
     min_shot_s: float = 0.6
+    # adjacent shots whose last frames (decoded at this width) match as one scene (ORB + RANSAC)
+    # merge too: a cut or fade from the poor view to the result; 0: by colour only
+    match_width: int = 192
 
 
 @dataclass
@@ -86,7 +91,13 @@ class PrefilterConfig:
     # and at least this fraction of the sharpest frame of the segment
     rel_sharpness: float = 0.6
     # mean absolute change to the previous decoded frame (0..1) above this: moving/transition
-    max_motion: float = 0.02
+    # (a hand-held camera screen moves; a shown result is held still)
+    max_motion: float = 0.005
+    # coarse detail (prefilter.detail: tile-wise Laplacian energy at 64 px, which captions and grid
+    # lines cannot fake) below this: a blurred still (with edges from a caption: narration B-roll)
+    min_detail: float = 60.0
+    # and at least this fraction of the segment's most detailed frame and of the poor view's
+    rel_detail: float = 0.025
 
 
 @dataclass
@@ -98,6 +109,22 @@ class GoodFrameConfig:
     min_gap_s: float = 1.0
     # a good frame must come at least this long after the poor (first) frame
     min_after_poor_s: float = 1.0
+
+
+@dataclass
+class ImprovementConfig:
+    """A pair must show an improvement: a good frame that shows the poor
+    frame's own view (same shot held, jitter, noise, compression, a new
+    caption) gives no pair."""
+
+    # features of both frames matching under a transform this close to identity: the same view
+    min_inliers: int = 8
+    max_scale_change: float = 0.05
+    max_rotation_deg: float = 2.0
+    # move of the frame centre, as a fraction of the diagonal
+    max_shift: float = 0.04
+    # too few features (a blurred still): blurred thumbnails differing by less than this (median, 0..1)
+    min_change: float = 0.03
 
 
 @dataclass
@@ -139,8 +166,9 @@ class AlignConfig:
     # ORB + RANSAC: matches consistent with one similarity transform
     min_inliers: int = 8
     min_inlier_ratio: float = 0.2
-    # fraction of the good image that the poor view also covers
-    min_overlap: float = 0.3
+    # fraction of the good image that the poor view also covers (a too-tight poor shot of a
+    # portrait, taken sideways, covers about a quarter of it)
+    min_overlap: float = 0.2
     # a camera-like transform: scale change and tilt within these
     min_scale: float = 0.3
     max_scale: float = 3.0

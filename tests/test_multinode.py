@@ -1,0 +1,154 @@
+"""Jobs on a simulated cluster whose nodes have their own disks: a head
+without GPUs that runs the driver, and worker nodes node_b and node_c, each
+in its own mount namespace with a private /tmp (cluster/local_cluster.py).
+A folder outside /tmp (the cluster's ``shared``) stands for a shared
+filesystem. One cluster for the module; every process has a timeout."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from helpers import PYTHON, REPO, local_cluster_module, mlflow_server, s3_server
+
+pytestmark = pytest.mark.slow
+
+lc = local_cluster_module()
+_ok, _why = lc.namespaces_available()
+if not _ok:
+    pytest.skip(f"multi-node tests need mount namespaces: {_why}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = lc.LocalCluster({"node_b": {"num_cpus": 4}, "node_c": {"num_cpus": 4}}, head_cpus=1)
+    t0 = time.time()
+    c.start(timeout=600)
+    c.started_in = time.time() - t0
+    yield c
+    c.stop()
+    c.cleanup()
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """An MLflow tracking server on the head: SQLite on the head's disk,
+    artifacts on a real S3 endpoint (moto's server)."""
+    folder = tmp_path_factory.mktemp("tracking")
+    with s3_server(folder) as s3:
+        with mlflow_server(folder, f"s3://{s3['bucket']}/mlflow", s3["env"]) as uri:
+            yield {"uri": uri, **s3}
+
+
+def job(cluster, script, args, timeout):
+    """A job's driver on the head (this machine's namespace), joined to the cluster."""
+    env = dict(cluster.env, OMP_NUM_THREADS="1")
+    return subprocess.run([PYTHON, script, f"ray.address={cluster.address}"] + args, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+PINNED = ["learner.resources={node_b: 1}", "rollout.resources={node_c: 1}", "reward.resources={node_c: 1}",
+          "reference.resources={node_c: 1}"]
+
+
+@pytest.mark.timeout(1800)  # includes starting the cluster, slow on a busy machine
+def test_a_file_a_worker_node_writes_to_its_disk_is_seen_by_that_node_only(cluster, tmp_path):
+    probe = tmp_path / "written-on-node_b.txt"
+    code = f"""
+import os, ray
+ray.init(address="{cluster.address}", logging_level="ERROR")
+def write(p):
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    open(p, "w").write("b")
+def sees(p):
+    return os.path.exists(p)
+on = lambda node: {{"num_cpus": 0, "resources": {{node: 1}}}}
+ray.get(ray.remote(write).options(**on("node_b")).remote("{probe}"))
+print(ray.get(ray.remote(sees).options(**on("node_b")).remote("{probe}")),
+      ray.get(ray.remote(sees).options(**on("node_c")).remote("{probe}")), os.path.exists("{probe}"))
+"""
+    out = subprocess.run([PYTHON, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ["True", "False", "False"]  # node_b, node_c, the head
+    assert not probe.exists()
+    assert cluster.in_node("node_b", ["cat", str(probe)]).stdout == "b"
+    assert cluster.in_node("node_c", ["cat", str(probe)]).returncode != 0
+
+
+@pytest.mark.timeout(600)
+def test_a_node_local_output_fails_before_any_work_and_says_what_to_use(cluster, tmp_path):
+    out = tmp_path / "grpo"  # /tmp: private to each node
+    t0 = time.time()
+    proc = job(cluster, "jobs/grpo_a.py", ["profile=tiny", f"output={out}", "tracking.enabled=false"] + PINNED, 300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "is on this node's disk only: node(s) node_b, node_c" in proc.stderr
+    assert "Use a folder every node mounts" in proc.stderr
+    assert not (out / "checkpoints").exists() and not (out / "steps.jsonl").exists()
+    print(f"refused in {time.time() - t0:.1f}s")
+
+
+@pytest.mark.timeout(600)
+def test_a_sqlite_tracking_store_is_refused_on_several_nodes(cluster):
+    out = cluster.shared / "grpo-sqlite"
+    proc = job(cluster, "jobs/grpo_a.py", ["profile=tiny", f"output={out}"] + PINNED, 300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "is a store on this node's disk, and this cluster has 3 nodes" in proc.stderr
+    assert "mlflow server" in proc.stderr
+    assert not (out / "mlflow").exists()
+
+
+@pytest.mark.timeout(600)
+def test_a_model_folder_only_the_head_has_fails_before_loading_naming_the_nodes(cluster, tmp_path, tiny_models):
+    import shutil
+
+    local = tmp_path / "thinker"  # /tmp: the worker nodes do not see it
+    shutil.copytree(tiny_models["thinker"], local)
+    out = cluster.shared / "grpo-models"
+    proc = job(cluster, "jobs/grpo_a.py", ["profile=tiny", f"output={out}", "tracking.enabled=false", f"init={local}"]
+               + PINNED, 300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "models missing on the cluster's nodes" in proc.stderr
+    assert f"node_b: init (folder {local} does not exist on this node)" in proc.stderr
+    assert f"node_c: init (folder {local} does not exist on this node)" in proc.stderr
+    assert "head: init" not in proc.stderr and "models.judge" not in proc.stderr
+    assert not (out / "steps.jsonl").exists()
+
+
+@pytest.mark.timeout(1800)
+def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_a_shared_folder(cluster, tracking):
+    out = cluster.shared / "grpo"
+    common = ["profile=tiny", f"output={out}", f"tracking.uri={tracking['uri']}", "tracking.experiment=multinode",
+              "steps=3"] + PINNED
+    t0 = time.time()
+    first = job(cluster, "jobs/grpo_a.py", common + ["stop_after=2"], 900)
+    assert first.returncode == 0, first.stderr[-5000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["step"] == 2
+    second = job(cluster, "jobs/grpo_a.py", common + ["resume=auto"], 900)
+    assert second.returncode == 0, second.stderr[-5000:]
+    print(f"two GRPO-A runs on the cluster: {time.time() - t0:.0f}s (cluster start {cluster.started_in:.0f}s)")
+    result = json.loads((out / "result.json").read_text())
+    assert result["finished"] and result["last_step"] == 3
+    assert result["resumed_from"].endswith("step-000002")
+    # the learner ranks ran on node_b, the other pools on node_c, the driver on the head
+    assert result["placement"]["learner"] == {"strategy": "STRICT_PACK", "nodes": ["node_b", "node_b"]}
+    assert set(result["placement"]["rollout"]["nodes"]) == {"node_c"}
+    steps = [json.loads(line)["step"] for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert (out / "model" / "config.json").exists()
+    # both runs tracked into one MLflow run on the server, its artifacts on S3
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward_mean")] == [1, 2, 3]
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=tracking["endpoint"], aws_access_key_id="testing",
+                                           aws_secret_access_key="testing", region_name="us-east-1")
+            .list_objects_v2(Bucket=tracking["bucket"]).get("Contents", [])]
+    assert any(k.startswith("mlflow/") and k.endswith("config.yaml") for k in keys)
