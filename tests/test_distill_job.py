@@ -132,10 +132,10 @@ def test_spending_cap_stops_the_job_with_every_finished_plan_written_then_resume
 def test_openai_teacher_job_rejects_gibberish_with_reasons_and_stops_at_the_cap(dataset, tiny_models):
     from aesformer.engines import make_engine
     from aesformer.jobs.distill import main
-    from aesformer.openai_server import ChatServer
+    from openai_faults import FaultyChatServer
 
     out = dataset["root"] / "run_openai"
-    with ChatServer(make_engine("hf", tiny_models["thinker"]), "tiny-thinker") as server:
+    with FaultyChatServer(make_engine("hf", tiny_models["thinker"]), "tiny-thinker") as server:
         s = main([f"input={dataset['pairs']}", f"output={out}", "transcript.enabled=false", "chunk_size=2",
                   "teacher.kind=openai", f"teacher.openai.base_url={server.base_url}",
                   "teacher.openai.model=tiny-thinker", "teacher.openai.api_key_env=null",

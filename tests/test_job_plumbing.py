@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = {"sft": "SFTConfig", "grpo_a": "GrpoAConfig", "editor_lora": "EditorLoraConfig",
         "distill": "DistillConfig", "vcmp": "VcmpConfig", "reconstruct": "ReconstructConfig",
         "doctor": "DoctorConfig", "make_samples": "MakeSamplesConfig", "make_tiny": "MakeTinyConfig",
-        "quickstart": "QuickstartConfig", "evaluate": "EvaluateConfig", "rate": "RateConfig"}
+        "quickstart": "QuickstartConfig", "evaluate": "EvaluateConfig", "rate": "RateConfig",
+        "serve": "ServeJobConfig"}
 
 
 # -- atomic writes -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The ``openai`` teacher and judge against a real HTTP server on 127.0.0.1
 that speaks the chat-completions protocol and answers from the tiny VLM
-(aesformer.openai_server): images inline, retries on 429 / timeouts /
+(tests/openai_faults.py, which injects faults on request): images inline, retries on 429 / timeouts /
 malformed replies, feedback rounds, the spending cap."""
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from aesformer.distill.measured import measure_pair
 from aesformer.distill.teachers import ChatTeacher, MeasuredTeacher, PairTask
 from aesformer.distill.validator import Judge, Validator
 from aesformer.engines import make_engine
-from aesformer.openai_server import ChatServer
 from aesformer.samples import sample_photos
 from aesformer.synth import poor_framing
+from openai_faults import FaultyChatServer
 
 pytestmark = pytest.mark.timeout(300)
 TIMEOUT_FAULT_CLIENT_S = 5.0
@@ -30,13 +30,13 @@ TIMEOUT_FAULT_CLIENT_S = 5.0
 @pytest.fixture(scope="module")
 def thinker_server(tiny_models):
     # an injected timeout holds the request longer than TIMEOUT_FAULT_CLIENT_S
-    with ChatServer(make_engine("hf", tiny_models["thinker"]), "tiny-thinker", fault_delay_s=8.0) as server:
+    with FaultyChatServer(make_engine("hf", tiny_models["thinker"]), "tiny-thinker", fault_delay_s=8.0) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def judge_server(tiny_models):
-    with ChatServer(make_engine("hf", tiny_models["judge"]), "tiny-judge") as server:
+    with FaultyChatServer(make_engine("hf", tiny_models["judge"]), "tiny-judge") as server:
         yield server
 
 
@@ -186,7 +186,7 @@ def test_openai_judge_reads_a_verdict_from_the_tiny_vlm(judge_server, pairs):
 
 
 def test_a_wrong_api_key_stops_instead_of_retrying(tiny_models, pairs):
-    with ChatServer(make_engine("hf", tiny_models["thinker"]), "locked", api_key="s3cret") as server:
+    with FaultyChatServer(make_engine("hf", tiny_models["thinker"]), "locked", api_key="s3cret") as server:
         reply = teacher(server).propose(tasks_for(pairs, 1))[0]
         assert reply.stopped == "endpoint" and "HTTP 401" in reply.error and reply.requests == 1
         import os

@@ -108,9 +108,9 @@ class AesFormer:
         return [o[0].text for o in outs]
 
     def edit(self, photo: Image.Image, plan: str, seed: int = 0, height: Optional[int] = None,
-             width: Optional[int] = None) -> Image.Image:
+             width: Optional[int] = None, steps: Optional[int] = None) -> Image.Image:
         w, h = output_size(photo, self.output_area, height, width)
-        out = self.editor.edit(photo, edit_prompt(plan), seed=seed, steps=self.steps,
+        out = self.editor.edit(photo, edit_prompt(plan), seed=seed, steps=steps or self.steps,
                                true_cfg_scale=self.true_cfg_scale, negative_prompt=self.negative_prompt,
                                height=h, width=w)
         # the editor works on a 16-pixel grid: give back exactly the size asked for

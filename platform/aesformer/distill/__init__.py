@@ -14,6 +14,6 @@
 - :mod:`.settings`   — the job's config sections
 
 The Ray plumbing lives in ``aesformer.actors.distill_actors`` and the job in
-``jobs/distill.py``; the OpenAI-compatible server for local models in
-:mod:`aesformer.openai_server`.
+``jobs/distill.py``. A local thinker becomes an OpenAI-compatible teacher
+through the Serve application (``jobs/serve.py``: ``/v1/chat/completions``).
 """
