@@ -86,9 +86,14 @@ def init_ray(ray_cfg: Any, *, extra_env: Optional[dict] = None):
         )
     if not verbose:
         from ray.data import DataContext
+        from ray.util.debug import log_once
 
         # jobs draw one progress line per phase instead of one bar per operator
         DataContext.get_current().enable_progress_bars = False
+        log_once("ray_data_progress_manager_disabled")  # Ray Data's notice that they are off: said once, here
+        for handler in logging.getLogger("ray.data").handlers:
+            if "File" not in type(handler).__name__:
+                handler.setLevel(logging.WARNING)  # its execution plans stay in Ray's session log
     return ray
 
 

@@ -60,17 +60,21 @@ def setup_logging(level: str = "info", log_file: Optional[Path] = None) -> None:
         root.addHandler(to_file)
     root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
     logging.captureWarnings(True)
-    for name in CHATTY:
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+    if level == "debug":
+        for name in CHATTY:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+    else:
+        # torch attaches a console handler of its own (its compile summary at exit)
+        logging.getLogger("torch").setLevel(logging.WARNING)
     os.environ["AESFORMER_LOG_LEVEL"] = level
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
     """On the console, libraries speak only to warn."""
-    if record.levelno >= logging.WARNING:
-        return True
     if getattr(record, "detail", False) or record.name == "py.warnings":
         return False  # per-item detail and libraries' deprecation notices go to the file
+    if record.levelno >= logging.WARNING:
+        return True
     top = record.name.split(".", 1)[0]
     return top not in CHATTY
 

@@ -21,6 +21,8 @@ from aesformer.actions import DIMENSIONS, ActionPlan, extract_dimensions
 
 SCORE_TOKENS: tuple[str, ...] = ("0", "1", "2", "3", "4", "5")
 MAX_SCORE = len(SCORE_TOKENS) - 1
+# what every 0-5 judge question ends with (VCMP's judge, the distillation validator)
+ANSWER_INSTRUCTION = "Reply with a single digit from 0 to 5 and nothing else."
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.1, 0.5, 0.4)  # λf, λa, λc
 
 PlanLike = Union[ActionPlan, str]
