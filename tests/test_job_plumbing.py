@@ -218,3 +218,25 @@ def test_a_job_yaml_holds_only_what_differs_from_the_dataclass(job):
     defaults = OmegaConf.to_container(OmegaConf.structured(schema))
     data = yaml.safe_load((conf_dir() / f"{job}.yaml").read_text()) or {}
     assert _repeats(data, defaults) == [], f"conf/{job}.yaml repeats these defaults of jobs/{job}.py"
+
+
+# -- progress -------------------------------------------------------------------------------------
+
+def test_a_progress_line_gives_count_rate_and_eta_from_the_reports_not_the_start_up(caplog):
+    import logging
+
+    from aesformer import progress
+
+    clock = iter([0.0, 100.0, 100.0, 110.0, 110.0, 120.0, 120.0])
+    real = progress.time.perf_counter
+    progress.time.perf_counter = lambda: next(clock)
+    try:
+        with caplog.at_level(logging.INFO, logger="aesformer.progress"):
+            bar = progress.Progress("sft", total=40, unit="steps", every_s=0.0)  # starts at t=0
+            bar.set(10, "loss 1.2")  # first report at t=100, after 100 s of start-up
+            bar.set(20, "loss 0.8")  # 10 more steps in 10 s
+    finally:
+        progress.time.perf_counter = real
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["sft: 10/40 steps (25%) · loss 1.2",
+                     "sft: 20/40 steps (50%) · 1.00 steps/s · ETA 20s · loss 0.8"]

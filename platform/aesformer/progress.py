@@ -55,6 +55,8 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.done, self.note = start, ""
+        self._first: Optional[int] = None
+        self._t_first = 0.0
         self._start = start
         self._t0 = time.perf_counter()
         self._last = 0.0
@@ -78,14 +80,28 @@ class Progress:
             if total is not None:
                 self.total = total
             now = time.perf_counter()
+            if self._first is None:  # the rate counts from the first report: start-up is not progress
+                self._first, self._t_first = done, now
             if self.tty or now - self._last >= self.every_s:
                 self._last = now
                 self._draw(final=False)
 
     def line(self) -> str:
-        elapsed = time.perf_counter() - self._t0
-        return f"{self.name}: " + describe(self.done - self._start, None if self.total is None else
-                                           self.total - self._start, elapsed, self.unit, self.note)
+        now = time.perf_counter()
+        text = describe(self.done - self._start, None if self.total is None else self.total - self._start,
+                        now - self._t0, self.unit, self.note)
+        if self._first is not None and self.done > self._first and (self.total is None or self.done < self.total):
+            # rate and ETA from the reports so far, not from the phase's start-up
+            rate = (self.done - self._first) / max(1e-9, now - self._t_first)
+            count = text.split(" · ")[0]
+            tail = [part for part in text.split(" · ")[1:] if not part.endswith("/s") and not part.startswith("ETA")]
+            parts = [count, f"{rate:.2f} {self.unit}/s" if rate < 10 else f"{rate:.0f} {self.unit}/s"]
+            if self.total:
+                parts.append(f"ETA {_duration((self.total - self.done) / rate)}")
+            text = " · ".join(parts + tail)
+        elif self._first is not None and self.done == self._first and (self.total is None or self.done < self.total):
+            text = " · ".join(part for part in text.split(" · ") if not part.endswith("/s") and not part.startswith("ETA"))
+        return f"{self.name}: {text}"
 
     def _draw(self, final: bool) -> None:
         text = self.line()
