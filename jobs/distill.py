@@ -32,7 +32,7 @@ from aesformer.distill.settings import (BudgetConfig, JUDGE_KINDS, TEACHER_KINDS
                                         ValidatorConfig)
 from aesformer.distill.outputs import make_summary, write_outputs
 from aesformer.job import run_job
-from aesformer.progress import Progress
+from aesformer.progress import DETAIL, Progress
 from aesformer.tracking import Tracker
 
 log = logging.getLogger("distill")
@@ -114,7 +114,7 @@ def run(cfg: DistillConfig) -> dict:
             teacher = make_teacher(cfg.teacher, cfg.models, backends)
             validator = make_validator(cfg.validator, cfg.models, backends)
         settings = {"teacher": teacher.settings(), "validator": validator.settings()}
-        log.info("teacher: %s; validator: %s", settings["teacher"], settings["validator"])
+        log.info("teacher: %s; validator: %s", settings["teacher"], settings["validator"], extra=DETAIL)
         locator = VideoLocator([cfg.transcript.videos] if cfg.transcript.videos else [])
         asr_model = ""
         if cfg.transcript.enabled and cfg.transcript.asr:
@@ -176,7 +176,7 @@ def run(cfg: DistillConfig) -> dict:
         tracker.log_metrics({"distill/final_accepted": summary["accepted"], "distill/final_rejected":
                              sum(summary["rejected"].values()), "distill/pending": summary["pending"]})
         tracker.log_artifact(out / "summary.json")
-        log.info("distill: %d accepted, %s rejected, %s failed, %d pending; %d requests%s → %s",
+        log.info("%d accepted, %s rejected, %s failed, %d pending; %d requests%s → %s",
                  summary["accepted"], dict(summary["rejected"]), dict(summary["failed"]), summary["pending"],
                  budget.requests, f" (stopped: {summary['stopped']})" if summary["stopped"] else "", out)
         tracker.close()

@@ -678,7 +678,8 @@ def run(cfg: GrpoAConfig) -> dict:
     # the pools must fit the cluster, and every node see the output, before any data or model loads
     ray = init_ray(cfg.ray)
     asks, placed = fit_pools(cfg, cluster_nodes(ray))
-    log.info("pools on the cluster (learner first):\n%s", plan_table(asks, placed))
+    log.info("pools on the cluster (learner first):\n%s", plan_table(asks, placed), extra=DETAIL)
+    log.info("the pools fit the cluster: %s", ", ".join(f"{a.name} {a.count}" for a in asks))
     if cfg.plan_only:
         print(plan_table(asks, placed))
         return {"plan": placed, "table": plan_table(asks, placed)}

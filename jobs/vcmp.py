@@ -361,7 +361,8 @@ def run(cfg: VcmpConfig) -> dict:
         sheet = None
         if n_pairs:
             sheet = contact_sheet(iter_pairs(pairs_dir), out / "contact_sheet.png", max_pairs=cfg.contact_sheet_pairs)
-        log.info("funnel:\n%s", text)
+        log.info("funnel: %s", text.strip().splitlines()[0] if text.strip() else "empty")
+        log.info("funnel:\n%s", text, extra=DETAIL)
     tracker.log_metrics({"videos": f["videos"], "tutorials": f["tutorials"], "pairs": n_pairs,
                          "rejects": len(all_rejects), "vlm_fraction": f["vlm_fraction"],
                          "pipeline_wall_s": wall_pipeline})

@@ -66,6 +66,12 @@ def setup_logging(level: str = "info", log_file: Optional[Path] = None) -> None:
     else:
         # torch attaches a console handler of its own (its compile summary at exit)
         logging.getLogger("torch").setLevel(logging.WARNING)
+        # notices that need no action: DeepSpeed picking its CPU accelerator, Ray's
+        # token authentication being on, MLflow creating its tables
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # save_pretrained's shard bars
     os.environ["AESFORMER_LOG_LEVEL"] = level
 
 
