@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import ray
 
-from aesformer.actors.pool import ActorPool, run_tag
+from aesformer.actors.pool import ResilientPool, run_tag
 from aesformer.cluster import use_worker_threads
 from aesformer.distill.chat import Budget, BudgetExhausted, EngineChat, OpenAIChat, Reply
 from aesformer.distill.settings import JUDGE_KINDS, TEACHER_KINDS, EndpointConfig, LocalModelConfig
@@ -111,12 +111,12 @@ def measure_many(pairs: Sequence[tuple[bytes, bytes]], max_side: int) -> list[di
 
 # -- the driver's side ----------------------------------------------------------------
 
-def vlm_pool(model_path: str, c: LocalModelConfig, role: str, threads: int = 1) -> ActorPool:
+def vlm_pool(model_path: str, c: LocalModelConfig, role: str, threads: int = 1) -> ResilientPool:
     """``c.num_actors`` :class:`VLMWorker` actors on a placement group."""
     import dataclasses
 
     config = dataclasses.asdict(c)
-    return ActorPool(run_tag(f"distill-{role}"), VLMWorker, c.num_actors, {"CPU": c.num_cpus, "GPU": c.num_gpus},
+    return ResilientPool(run_tag(f"distill-{role}"), VLMWorker, c.num_actors, {"CPU": c.num_cpus, "GPU": c.num_gpus},
                      lambda i: (model_path, c.engine, config),
                      env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
 
@@ -125,7 +125,7 @@ class LocalChat:
     """A pool of :class:`VLMWorker` behind the chat-backend interface; each
     conversation is one request against the budget under ``role``."""
 
-    def __init__(self, pool: ActorPool, model_name: str, c: LocalModelConfig, budget: Budget, role: str):
+    def __init__(self, pool: ResilientPool, model_name: str, c: LocalModelConfig, budget: Budget, role: str):
         self.pool, self.model_name, self.c = pool, model_name, c
         self.budget, self.role = budget, role
 
@@ -166,13 +166,13 @@ class WhisperPool:
 
     def __init__(self, model_path: str, c: Any, threads: int = 1):
         self.model_path, self.c, self.threads = model_path, c, threads
-        self.pool: Optional[ActorPool] = None
+        self.pool: Optional[ResilientPool] = None
 
     def transcribe(self, items: Sequence[tuple[str, float, float]]) -> list[dict]:
         if not items:
             return []
         if self.pool is None:
-            self.pool = ActorPool(run_tag("distill-asr"), WhisperWorker, self.c.num_actors,
+            self.pool = ResilientPool(run_tag("distill-asr"), WhisperWorker, self.c.num_actors,
                                   {"CPU": self.c.num_cpus, "GPU": self.c.num_gpus},
                                   lambda i: (self.model_path, self.c.language, self.c.max_new_tokens),
                                   env={"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)})

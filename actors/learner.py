@@ -5,7 +5,7 @@ Each worker is one data-parallel rank: it sets MASTER_ADDR / MASTER_PORT /
 RANK / WORLD_SIZE / LOCAL_RANK, joins ``deepspeed.init_distributed`` (NCCL on
 GPU, gloo on CPU), loads the policy (partitioned at load time under ZeRO-3),
 freezes the vision tower and wraps the rest in a DeepSpeed engine built from
-``aesformer.ds.deepspeed_config``.
+``aesformer.deepspeed_engine.deepspeed_config``.
 
 One :meth:`LearnerWorker.update` call per rollout step trains on this rank's
 share of every mini-batch. The loss is the token-mean over all response
@@ -16,7 +16,7 @@ zero-weight copy of a real sample), as ZeRO-3's collectives require.
 
 Weights leave the group over a collective to the rollout engines
 (``aesformer.weight_sync``): every rank gathers the ZeRO-3 partitions layer
-by layer (``aesformer.ds.GatheredSource``) while rank 0 broadcasts each
+by layer (``aesformer.deepspeed_engine.GatheredSource``) while rank 0 broadcasts each
 layer to the engines — vLLM's NCCL weight-transfer engine on GPU, a gloo
 group on CPU — and drives the engines' init / start / update / finish calls.
 No weight byte goes through the object store.
@@ -71,17 +71,17 @@ class LearnerWorker:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from aesformer import ds
+        from aesformer import deepspeed_engine
 
         cuda = torch.cuda.is_available()
         os.environ.update(MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world), LOCAL_RANK="0" if cuda else str(self.rank))
         if cuda:  # Ray gives each worker its own GPU(s): device 0 is ours
             torch.cuda.set_device(0)
-        ds.skip_unused_ops()
+        deepspeed_engine.skip_unused_ops()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         s = self.s
-        conf = ds.deepspeed_config(zero_stage=s["zero_stage"], bf16=s["bf16"], lr=s["lr"],
+        conf = deepspeed_engine.deepspeed_config(zero_stage=s["zero_stage"], bf16=s["bf16"], lr=s["lr"],
                                    weight_decay=s["weight_decay"], grad_clip=s["grad_clip"],
                                    micro_batch=s["micro_batch"], grad_accum=s["grad_accum"])
         self._hf_ds = None
@@ -97,7 +97,7 @@ class LearnerWorker:
                 p.requires_grad_(False)
         if s.get("gradient_checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.engine = ds.initialize(model, conf)
+        self.engine = deepspeed_engine.initialize(model, conf)
         self.engine.train()
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         from aesformer.engines import banned_token_ids
@@ -248,7 +248,7 @@ class LearnerWorker:
         import torch
 
         from aesformer.actors.rollout import RolloutClient
-        from aesformer.ds import GatheredSource
+        from aesformer.deepspeed_engine import GatheredSource
 
         if self.transfer is not None:
             self.transfer.shutdown()
@@ -286,7 +286,7 @@ class LearnerWorker:
 
     def checksum(self) -> Optional[str]:
         """sha256 of the trainable weights (rank 0; a collective under ZeRO-3)."""
-        from aesformer.ds import gathered
+        from aesformer.deepspeed_engine import gathered
         from aesformer.engines import pack_weights
 
         h = hashlib.sha256()
@@ -300,19 +300,19 @@ class LearnerWorker:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, directory: str, client_state: dict) -> bool:
-        from aesformer import ds
+        from aesformer import deepspeed_engine
 
-        ds.save_checkpoint(self.engine, directory, client_state)
+        deepspeed_engine.save_checkpoint(self.engine, directory, client_state)
         return True
 
     def load(self, directory: str) -> dict:
-        from aesformer import ds
+        from aesformer import deepspeed_engine
 
-        return ds.load_checkpoint(self.engine, directory)
+        return deepspeed_engine.load_checkpoint(self.engine, directory)
 
     def export(self, directory: str) -> Optional[str]:
         """Write the policy as a transformers model folder (rank 0), with its processor."""
-        from aesformer.ds import gathered
+        from aesformer.deepspeed_engine import gathered
 
         module = self.engine.module
         params = list(module.parameters())

@@ -2,7 +2,7 @@
 
 A pool reserves one bundle per actor (CPUs, GPUs) in a placement group and
 starts one actor per bundle. Work is submitted as keyed calls; when an actor
-dies, :meth:`ActorPool.results` starts a replacement on the same bundle, runs
+dies, :meth:`ResilientPool.results` starts a replacement on the same bundle, runs
 the pool's ``on_start`` hook on it (e.g. push the current weights), and
 resubmits every call the dead actor had not finished. The caller sees each
 key's result exactly once.
@@ -33,7 +33,7 @@ def run_tag(job: str) -> str:
     return f"{job}-{uuid.uuid4().hex[:8]}"
 
 
-class ActorPool:
+class ResilientPool:
     """``size`` actors of ``actor_cls`` (a ``ray.remote`` class), one per bundle.
 
     ``bundle`` is e.g. ``{"CPU": 1, "GPU": 2}``; ``strategy`` the placement
@@ -191,7 +191,7 @@ class ActorPool:
             pass
 
 
-def as_completed(pools: list[ActorPool], timeout: Optional[float] = None) -> Iterator[tuple[ActorPool, Any, Any]]:
+def as_completed(pools: list[ResilientPool], timeout: Optional[float] = None) -> Iterator[tuple[ResilientPool, Any, Any]]:
     """(pool, key, result) for the calls of several pools as they finish,
     until none is pending (calls submitted meanwhile included)."""
     import ray

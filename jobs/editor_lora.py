@@ -7,7 +7,7 @@
    a folder named by the encoder settings, so reruns encode nothing.
 2. Train: a TorchTrainer whose workers load only the transformer, add LoRA
    (rank 16, alpha 1 on every linear layer of the blocks) and learn the
-   flow-matching velocity (:mod:`aesformer.flow`) on batches of one aspect
+   flow-matching velocity (:mod:`aesformer.flow_matching`) on batches of one aspect
    bucket; checkpoints every N steps and ``resume=auto``; MLflow gets loss
    (also per timestep bucket), lr, step time and, every N steps, a grid
    poor | edited | good of fixed validation pairs from a renderer actor.
@@ -207,7 +207,7 @@ def train_loop(config: dict) -> None:
     from diffusers import QwenImageTransformer2DModel
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from aesformer import flow
+    from aesformer import flow_matching
     from aesformer.editor import lora_config, resolve_dtype, save_lora, transformer_forward
     from aesformer.tracking import Tracker
 
@@ -258,8 +258,8 @@ def train_loop(config: dict) -> None:
             log.info("resumed from %s at step %d", resume_dir, state["step"])
 
     entries = config["entries"]
-    plan0 = epoch_batches(entries, config["batch_size"], config["seed"], 0, world)
-    steps_per_epoch = len(plan0[0])
+    layout0 = epoch_batches(entries, config["batch_size"], config["seed"], 0, world)
+    steps_per_epoch = len(layout0[0])
     if steps_per_epoch == 0:
         raise ValueError(f"no training batches: {len(entries)} pairs for {world} workers")
     total = config["max_steps"] or steps_per_epoch * config["epochs"]
@@ -295,17 +295,17 @@ def train_loop(config: dict) -> None:
             e0 = batches[state["batch"]][0]
             th, tw, ch, cw = e0["target_h"], e0["target_w"], e0["control_h"], e0["control_w"]
             g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + step * world + rank)
-            t = flow.sample_timesteps(target.shape[0], th, tw, generator=g)
+            t = flow_matching.sample_timesteps(target.shape[0], th, tw, generator=g)
             noise = torch.randn(target.shape, generator=g, dtype=target.dtype)
             x0, t, noise = target.to(device), t.to(device), noise.to(device)
-            xt = flow.noisy_latent(x0, noise, t)
+            xt = flow_matching.noisy_latent(x0, noise, t)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             with torch.autocast(device.type, dtype=dtype, enabled=on_gpu and dtype != torch.float32):
                 pred = transformer_forward(model, xt.to(dtype), control.to(device, dtype), (th // 8, tw // 8),
                                            (ch // 8, cw // 8), prompt.to(device, dtype),
                                            None if mask is None else mask.to(device), t)
-            per_sample = flow.flow_loss(pred, flow.velocity_target(x0, noise), reduction="none")
+            per_sample = flow_matching.flow_loss(pred, flow_matching.velocity_target(x0, noise), reduction="none")
             loss = per_sample.mean()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"]) if config["grad_clip"] else None
@@ -324,7 +324,7 @@ def train_loop(config: dict) -> None:
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 for ti, li in zip(t.tolist(), per_sample.tolist()):
-                    metrics[f"loss/{flow.timestep_bucket(ti)}"] = li
+                    metrics[f"loss/{flow_matching.timestep_bucket(ti)}"] = li
                 tracker.log_metrics(metrics, step=state["step"])
             if rank == 0:
                 progress.report(config.get("progress"), state["step"], total, f"loss {float(value):.4f}")

@@ -212,15 +212,15 @@ def generate(cfg: EvaluateConfig, spec, models: dict, folder: Path, photos: list
         return identity_outputs(folder, photos)
     th, ed = cfg.thinker, cfg.editor
     items = [{"name": p["name"], "source": p["poor"], "data": None} for p in photos]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-    ds = ds.map(load_photo, fn_kwargs=dict(min_side=8, max_pixels=16_000_000, max_input_pixels=180_000_000))
+    dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
+    dataset = dataset.map(load_photo, fn_kwargs=dict(min_side=8, max_pixels=16_000_000, max_input_pixels=180_000_000))
     sampling = dict(temperature=th.temperature, top_p=th.top_p, max_tokens=th.max_tokens)
     if spec.thinker == "none":
-        ds = ds.map(with_instruction, fn_kwargs=dict(instruction=spec.instruction or GENERIC_INSTRUCTION))
+        dataset = dataset.map(with_instruction, fn_kwargs=dict(instruction=spec.instruction or GENERIC_INSTRUCTION))
     elif spec.thinker == "endpoint":
         if not cfg.thinker_endpoint.base_url or not cfg.thinker_endpoint.model:
             raise ConfigError(f"system '{spec.name}' uses a thinker endpoint: set thinker_endpoint.base_url and .model")
-        ds = ds.map_batches(EndpointThinker, batch_format="pyarrow", batch_size=th.batch_size,
+        dataset = dataset.map_batches(EndpointThinker, batch_format="pyarrow", batch_size=th.batch_size,
                             compute=ActorPoolStrategy(size=1), num_cpus=0.5,
                             fn_constructor_kwargs=dict(endpoint=asdict(cfg.thinker_endpoint), instruction=th.instruction,
                                                        sampling=dict(sampling, seed=seed)))
@@ -230,14 +230,14 @@ def generate(cfg: EvaluateConfig, spec, models: dict, folder: Path, photos: list
         if th.engine != "hf" and th.num_gpus:
             engine_options = dict(dtype=th.dtype, max_pixels=th.max_pixels, tensor_parallel_size=th.tensor_parallel,
                                   seed=seed)
-        ds = ds.map_batches(
+        dataset = dataset.map_batches(
             ThinkerPool, batch_format="pyarrow", batch_size=th.batch_size, compute=ActorPoolStrategy(size=th.pool),
             num_gpus=th.num_gpus * th.tensor_parallel, num_cpus=th.num_cpus,
             fn_constructor_kwargs=dict(model_path=models["thinker"], engine=th.engine, engine_options=engine_options,
                                        sampling=sampling, instruction=th.instruction, seed=seed))
     if spec.shuffle_dimensions:
-        ds = ds.map(shuffled, fn_kwargs=dict(seed=seed))
-    ds = ds.map_batches(
+        dataset = dataset.map(shuffled, fn_kwargs=dict(seed=seed))
+    dataset = dataset.map_batches(
         EditorPool, batch_format="pyarrow", batch_size=ed.batch_size, compute=ActorPoolStrategy(size=ed.pool),
         num_gpus=ed.num_gpus, num_cpus=ed.num_cpus,
         fn_constructor_kwargs=dict(editor_path=models["editor"], out_dir=str(folder), lora=models["lora"],
@@ -248,7 +248,7 @@ def generate(cfg: EvaluateConfig, spec, models: dict, folder: Path, photos: list
                                    width=ed.width, editor_name=cfg.models.editor, offload=ed.offload))
     made = 0
     with Progress(f"generate {spec.name}", len(items), "photos") as bar:
-        for rec in ds.iter_rows():
+        for rec in dataset.iter_rows():
             made += rec["status"] == "ok"
             log.info("%s seed %d: %s %s", spec.name, seed, rec["name"], rec["status"], extra=DETAIL)
             bar.update(1)
@@ -336,12 +336,12 @@ def ask_judge(cfg: EvaluateConfig, rows: list[dict], store) -> dict:
     options = dict(dtype=j.dtype if j.num_gpus else "float32", max_pixels=j.max_pixels)
     if j.engine == "hf":
         options["batch_size"] = j.batch_size
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 64))
-    ds = ds.map_batches(LocalJudge, batch_format="pyarrow", batch_size=j.batch_size, compute=ActorPoolStrategy(size=j.pool),
+    dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), 64))
+    dataset = dataset.map_batches(LocalJudge, batch_format="pyarrow", batch_size=j.batch_size, compute=ActorPoolStrategy(size=j.pool),
                         num_gpus=j.num_gpus, num_cpus=j.num_cpus,
                         fn_constructor_kwargs=dict(model_path=path, engine=j.engine, engine_options=options))
     with Progress("judge", len(rows), "judgements") as bar:
-        for rec in ds.iter_rows():
+        for rec in dataset.iter_rows():
             keep(dict(rec))
             bar.update(1)
     return counts

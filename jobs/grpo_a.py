@@ -215,7 +215,7 @@ def pool_asks(cfg: GrpoAConfig) -> list[PoolAsk]:
     """What each pool asks of the cluster, the learner group first (it is placed first)."""
     from aesformer.rewards import needs_judge
 
-    ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
+    ro, rw, ref, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
     judge = needs_judge(rw.weights, rw.alignment)
     asks = [PoolAsk("learner", ln.workers, {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker, **ln.resources},
                     ln.placement),
@@ -223,8 +223,8 @@ def pool_asks(cfg: GrpoAConfig) -> list[PoolAsk]:
             PoolAsk("reward", rw.actors, {"CPU": rw.cpus_per_actor, "GPU": rw.gpus_per_actor if judge else 0,
                                           **rw.resources})]
     if ln.kl_coef != 0:
-        asks.append(PoolAsk("reference", rf.actors, {"CPU": rf.cpus_per_actor, "GPU": rf.gpus_per_actor,
-                                                     **rf.resources}))
+        asks.append(PoolAsk("reference", ref.actors, {"CPU": ref.cpus_per_actor, "GPU": ref.gpus_per_actor,
+                                                     **ref.resources}))
     return asks
 
 
@@ -254,10 +254,10 @@ def gpus_needed(cfg: GrpoAConfig) -> int:
     needed), reference (when KL is on) and the learner group."""
     from aesformer.rewards import needs_judge
 
-    ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
+    ro, rw, ref, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
     total = ro.actors * ro.gpus_per_actor + ln.workers * ln.gpus_per_worker
     total += rw.actors * rw.gpus_per_actor if needs_judge(rw.weights, rw.alignment) else 0
-    total += rf.actors * rf.gpus_per_actor if ln.kl_coef != 0 else 0
+    total += ref.actors * ref.gpus_per_actor if ln.kl_coef != 0 else 0
     return math.ceil(total)
 
 
@@ -392,14 +392,14 @@ class Trainer:
 
     def _start(self, policy: str, judge: Optional[str]) -> None:
         from aesformer.actors.learner import LearnerWorker
-        from aesformer.actors.pool import ActorPool
+        from aesformer.actors.pool import ResilientPool
         from aesformer.actors.reference import ReferenceWorker
         from aesformer.actors.reward import RewardWorker
         from aesformer.actors.rollout import RolloutWorker
         from aesformer.rewards import load_prompts, needs_judge
 
         cfg = self.cfg
-        ro, rw, rf, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
+        ro, rw, ref, ln = cfg.rollout, cfg.reward, cfg.reference, cfg.learner
         self.weights_version = 0
         self.transfer_members: Optional[tuple] = None  # the rollout actors of the current transfer group
         self.syncing = False
@@ -417,7 +417,7 @@ class Trainer:
                         freeze_vision=ln.freeze_vision, gradient_checkpointing=ln.gradient_checkpointing,
                         temperature=ro.temperature, max_pixels=ro.max_pixels,
                         ratio_base="rollout" if ro.async_ else "learner")
-        self.learner = ActorPool(f"{self.tag}-learner", LearnerWorker, ln.workers,
+        self.learner = ResilientPool(f"{self.tag}-learner", LearnerWorker, ln.workers,
                                  {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker, **ln.resources},
                                  lambda i: (i, ln.workers, policy, settings), strategy=ln.placement, max_restarts=0,
                                  **timeouts)
@@ -429,7 +429,7 @@ class Trainer:
         rollout_opts = dict(dtype=ro.dtype, max_pixels=ro.max_pixels, tensor_parallel_size=ro.tensor_parallel,
                             gpu_memory_utilization=ro.gpu_memory_utilization, max_model_len=max_len,
                             seed=cfg.seed)
-        self.rollout = ActorPool(f"{self.tag}-rollout", RolloutWorker, ro.actors,
+        self.rollout = ResilientPool(f"{self.tag}-rollout", RolloutWorker, ro.actors,
                                  {"CPU": ro.cpus_per_actor, "GPU": ro.gpus_per_actor, **ro.resources},
                                  lambda i: (ro.engine, policy, rollout_opts), on_start=self._rejoin,
                                  **timeouts)
@@ -441,17 +441,17 @@ class Trainer:
         judging = dict(prompts=load_prompts(rw.prompts).to_dict(), judge_text=rw.judge_text,
                        image_max_side=rw.image_max_side, format=rw.format)
         reward_bundle = {"CPU": rw.cpus_per_actor, "GPU": rw.gpus_per_actor if judge_needed else 0, **rw.resources}
-        self.reward = ActorPool(f"{self.tag}-reward", RewardWorker, rw.actors, reward_bundle,
+        self.reward = ResilientPool(f"{self.tag}-reward", RewardWorker, rw.actors, reward_bundle,
                                 lambda i: (rw.engine, judge if judge_needed else None, reward_opts,
                                            list(rw.weights), rw.alignment, judging), **timeouts)
         self.pools.append(self.reward)
         self.use_reference = ln.kl_coef != 0
         self.reference = None
         if self.use_reference:
-            self.reference = ActorPool(f"{self.tag}-reference", ReferenceWorker, rf.actors,
-                                       {"CPU": rf.cpus_per_actor, "GPU": rf.gpus_per_actor, **rf.resources},
-                                       lambda i: (policy, rf.dtype if rf.gpus_per_actor else "float32", None,
-                                                  rf.micro_batch, ro.max_pixels), **timeouts)
+            self.reference = ResilientPool(f"{self.tag}-reference", ReferenceWorker, ref.actors,
+                                       {"CPU": ref.cpus_per_actor, "GPU": ref.gpus_per_actor, **ref.resources},
+                                       lambda i: (policy, ref.dtype if ref.gpus_per_actor else "float32", None,
+                                                  ref.micro_batch, ro.max_pixels), **timeouts)
             self.pools.append(self.reference)
 
     def shutdown(self) -> None:

@@ -193,17 +193,17 @@ def run(cfg: ReconstructConfig) -> dict:
             if th.engine != "hf" and th.num_gpus:
                 engine_options = dict(dtype=th.dtype, max_pixels=th.max_pixels, tensor_parallel_size=th.tensor_parallel,
                                       seed=cfg.seed)
-            ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 64))
-            ds = ds.map(load_photo, fn_kwargs=dict(min_side=cfg.min_side, max_pixels=cfg.max_pixels,
+            dataset = ray.data.from_items(todo, override_num_blocks=min(len(todo), 64))
+            dataset = dataset.map(load_photo, fn_kwargs=dict(min_side=cfg.min_side, max_pixels=cfg.max_pixels,
                                                    max_input_pixels=cfg.max_input_pixels))
-            ds = ds.map_batches(
+            dataset = dataset.map_batches(
                 ThinkerPool, batch_format="pyarrow", batch_size=th.batch_size,
                 compute=ActorPoolStrategy(size=th.pool), num_gpus=th.num_gpus * th.tensor_parallel, num_cpus=th.num_cpus,
                 fn_constructor_kwargs=dict(model_path=thinker_path, engine=th.engine, engine_options=engine_options,
                                            sampling=dict(temperature=th.temperature, top_p=th.top_p,
                                                          max_tokens=th.max_tokens),
                                            instruction=th.instruction, seed=cfg.seed))
-            ds = ds.map_batches(
+            dataset = dataset.map_batches(
                 EditorPool, batch_format="pyarrow", batch_size=ed.batch_size,
                 compute=ActorPoolStrategy(size=ed.pool), num_gpus=ed.num_gpus, num_cpus=ed.num_cpus,
                 fn_constructor_kwargs=dict(editor_path=editor_path, out_dir=str(out), lora=cfg.lora,
@@ -215,7 +215,7 @@ def run(cfg: ReconstructConfig) -> dict:
                                            height=render["height"], width=render["width"], editor_name=cfg.models.editor,
                                            offload=ed.offload))
             with Progress("reconstruct", len(todo), "photos") as photos:
-                for rec in ds.iter_rows():
+                for rec in dataset.iter_rows():
                     new.append(rec)
                     status = rec["status"] if rec["status"] == "ok" else f"{rec['status']} ({rec['reason']})"
                     log.info("[%d/%d] %s: %s", len(new), len(todo), rec["name"], status, extra=DETAIL)

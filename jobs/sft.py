@@ -65,7 +65,7 @@ class SFTConfig(JobConfig):
     output: str = "runs/sft"
     # an AesRecon Parquet folder whose rows carry plans (the distillation output)
     data: Optional[str] = None
-    # train on this split only (null: every row with a plan)
+    # train on this split only (null: every row with a layout)
     split: Optional[str] = "train"
     # the thinker's instruction; null: aesformer.actions.THINKER_INSTRUCTION
     instruction: Optional[str] = None
@@ -128,7 +128,7 @@ def train_loop_per_worker(loop: dict) -> None:
     import torch.distributed as dist
     from PIL import Image
 
-    from aesformer import ds, sft
+    from aesformer import deepspeed_engine, sft
     from aesformer.actions import ActionPlan, thinker_instruction
     from aesformer.models import add_plan_tokens, load_vlm
 
@@ -155,7 +155,7 @@ def train_loop_per_worker(loop: dict) -> None:
         pad_id = processor.tokenizer.eos_token_id
 
     # -- where the run stands: fresh, restarted after a failure, or resumed ---------------
-    plan = sft.stream_plan(loop["rows"], world, cfg.micro_batch, cfg.grad_accum, cfg.epochs)
+    layout = sft.step_layout(loop["rows"], world, cfg.micro_batch, cfg.grad_accum, cfg.epochs)
     checkpoint = ray.train.get_checkpoint()  # after a worker failure, or this run's latest
     if checkpoint is None and loop["resume_from"]:
         checkpoint = ray.train.Checkpoint.from_directory(loop["resume_from"])
@@ -168,12 +168,12 @@ def train_loop_per_worker(loop: dict) -> None:
                 # the adapter does not care (the optimizer moments restart).
                 sft.load_adapter_weights(model, Path(folder) / sft.ADAPTER_DIR)
 
-    warmup = sft.warmup_steps(plan.total_steps, cfg.warmup_ratio)
-    engine = ds.initialize(
+    warmup = sft.warmup_steps(layout.total_steps, cfg.warmup_ratio)
+    engine = deepspeed_engine.initialize(
         model,
-        ds.deepspeed_config(cfg.deepspeed.zero_stage, cfg.deepspeed.bf16, cfg.lr, cfg.weight_decay, cfg.grad_clip,
+        deepspeed_engine.deepspeed_config(cfg.deepspeed.zero_stage, cfg.deepspeed.bf16, cfg.lr, cfg.weight_decay, cfg.grad_clip,
                             cfg.micro_batch, cfg.grad_accum),
-        lr_scheduler=lambda optimizer: sft.make_scheduler(optimizer, plan.total_steps, warmup, cfg.schedule),
+        lr_scheduler=lambda optimizer: sft.make_scheduler(optimizer, layout.total_steps, warmup, cfg.schedule),
     )
 
     # counts: this worker's since the start (rank 0 carries the restored
@@ -185,24 +185,24 @@ def train_loop_per_worker(loop: dict) -> None:
             counts = sft.SampleCounts.from_dict(restored.get("counts"))
         if restored.get("world_size") == world:
             with checkpoint.as_directory() as folder:
-                ds.load_checkpoint(engine, folder)  # model, optimizer, scheduler
+                deepspeed_engine.load_checkpoint(engine, folder)  # model, optimizer, scheduler
             step = int(restored["step"])
         else:
-            step = sft.resumed_step(int(restored["samples_seen"]), plan)
+            step = sft.resumed_step(int(restored["samples_seen"]), layout)
             engine.lr_scheduler.last_epoch = step
             for group, base in zip(engine.optimizer.param_groups, engine.lr_scheduler.base_lrs):
-                group["lr"] = base * sft.lr_factor(step, plan.total_steps, warmup, cfg.schedule)
+                group["lr"] = base * sft.lr_factor(step, layout.total_steps, warmup, cfg.schedule)
             if rank == 0:
                 log.warning("world size changed from %s to %d: restored the adapter weights; the optimizer "
                             "moments restart at step %d", restored.get("world_size"), world, step)
     start_step = step
     if rank == 0:
         log.info("%s at step %d of %d (%d workers × micro-batch %d × accumulation %d, %.1f epochs); model and "
-                 "engine ready in %.1fs", "resuming" if restored else "starting", step, plan.total_steps, world,
-                 cfg.micro_batch, cfg.grad_accum, plan.epoch_at(plan.total_steps), time.perf_counter() - t_begin)
+                 "engine ready in %.1fs", "resuming" if restored else "starting", step, layout.total_steps, world,
+                 cfg.micro_batch, cfg.grad_accum, layout.epoch_at(layout.total_steps), time.perf_counter() - t_begin)
 
     tracker = Tracker.attach(*loop["tracking"]) if rank == 0 else Tracker.attach(None, None)
-    trainable = ds.trainable_parameters(engine.module)
+    trainable = deepspeed_engine.trainable_parameters(engine.module)
     # A micro-batch whose rows were all bad still runs forward/backward (on
     # this sample, with weight 0) so every worker takes the same steps.
     placeholder = sft.build_sample(processor, Image.new("RGB", (64, 64), (128, 128, 128)), ActionPlan().render(),
@@ -219,12 +219,12 @@ def train_loop_per_worker(loop: dict) -> None:
 
     def save(step: int, done: bool, metrics: dict) -> None:
         """Every rank writes its part; Ray Train merges them into one checkpoint."""
-        state = {"step": step, "samples_seen": plan.samples_seen(step), "epoch": plan.epoch_at(step),
-                 "world_size": world, "total_steps": plan.total_steps, "done": done, "counts": totals.to_dict(),
+        state = {"step": step, "samples_seen": layout.samples_seen(step), "epoch": layout.epoch_at(step),
+                 "world_size": world, "total_steps": layout.total_steps, "done": done, "counts": totals.to_dict(),
                  "written_at": time.time(), "metrics": metrics}
         folder = Path(tempfile.mkdtemp(prefix="sft-checkpoint-"))
-        ds.save_checkpoint(engine, folder, {"step": step})
-        with ds.gathered(trainable):
+        deepspeed_engine.save_checkpoint(engine, folder, {"step": step})
+        with deepspeed_engine.gathered(trainable):
             if rank == 0:
                 sft.save_adapter(engine.module, processor, folder / sft.ADAPTER_DIR)
         if rank == 0:
@@ -245,7 +245,7 @@ def train_loop_per_worker(loop: dict) -> None:
     metrics: dict = dict((restored or {}).get("metrics") or {})
     saved = step
     for index, rows in enumerate(batches):
-        if index >= plan.micro_batches:
+        if index >= layout.micro_batches:
             break  # the remainder that cannot fill an optimizer step
         if index < skip:
             continue  # trained on before the checkpoint we resumed from
@@ -279,9 +279,9 @@ def train_loop_per_worker(loop: dict) -> None:
         totals = sft.SampleCounts.from_vector(count_vec)
         dt = time.perf_counter() - t_step
         metrics = {
-            "train/loss": loss_sum / max(1.0, micro_n), "train/lr": lr, "train/grad_norm": ds.global_grad_norm(engine),
+            "train/loss": loss_sum / max(1.0, micro_n), "train/lr": lr, "train/grad_norm": deepspeed_engine.global_grad_norm(engine),
             "train/tokens_per_s": tokens / max(dt, 1e-9), "train/step_time_s": dt,
-            "train/samples_seen": plan.samples_seen(step), "train/epoch": plan.epoch_at(step),
+            "train/samples_seen": layout.samples_seen(step), "train/epoch": layout.epoch_at(step),
             "data/used": totals.used, "data/cut": totals.cut,
             **{f"data/skipped_{r}": n for r, n in totals.skipped.items()},
         }
@@ -290,18 +290,18 @@ def train_loop_per_worker(loop: dict) -> None:
             sample_log.write(json.dumps({"step": step, "rank": rank, "ids": step_ids}) + "\n")
             sample_log.flush()
         if rank == 0:
-            progress.report(loop.get("progress"), step, plan.total_steps, f"loss {metrics['train/loss']:.4f}")
-        if rank == 0 and (step % max(1, cfg.log_every) == 0 or step == plan.total_steps):
+            progress.report(loop.get("progress"), step, layout.total_steps, f"loss {metrics['train/loss']:.4f}")
+        if rank == 0 and (step % max(1, cfg.log_every) == 0 or step == layout.total_steps):
             per_step = (time.perf_counter() - t_start) / (step - start_step)
-            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %.0f tok/s  eta %.0fs", step, plan.total_steps,
-                     plan.epoch_at(step), metrics["train/loss"], lr, metrics["train/tokens_per_s"],
-                     per_step * (plan.total_steps - step))
+            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %.0f tok/s  eta %.0fs", step, layout.total_steps,
+                     layout.epoch_at(step), metrics["train/loss"], lr, metrics["train/tokens_per_s"],
+                     per_step * (layout.total_steps - step))
         step_loss, step_micro, step_tokens, step_ids = 0.0, 0, 0, []
         if cfg.fail_at_step is not None and step == cfg.fail_at_step and restored is None and rank == world - 1:
             raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
-        stop = cfg.max_steps is not None and step >= cfg.max_steps and step < plan.total_steps
-        if stop or step % cfg.checkpoint_every == 0 or step >= plan.total_steps:
-            save(step, step >= plan.total_steps, metrics)
+        stop = cfg.max_steps is not None and step >= cfg.max_steps and step < layout.total_steps
+        if stop or step % cfg.checkpoint_every == 0 or step >= layout.total_steps:
+            save(step, step >= layout.total_steps, metrics)
             saved = step
         if stop:
             if rank == 0:
@@ -376,7 +376,7 @@ def choose_start(cfg: SFTConfig) -> tuple[str, Optional[str], Optional[dict]]:
     A rerun keeps the run name of the checkpoint it continues, so Ray Train's
     own record of that run (and its checkpoint retention) carries on.
     """
-    from aesformer.ds import CHECKPOINT_TAG
+    from aesformer.deepspeed_engine import CHECKPOINT_TAG
 
     root = Path(cfg.output) / "ray"
     stamp = time.strftime("%Y%m%d-%H%M%S")

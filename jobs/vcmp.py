@@ -142,7 +142,7 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
     screener = (resolve_model(cfg.screen_vlm, cfg.models.cache_dir, "screen_vlm") if cfg.screen_vlm else judge)
     editor = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
     table = R.table(R.new_row(v, {"probe": v["probe"], "content_hash": v["content_hash"]}) for v in videos)
-    ds = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
+    dataset = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
     P = cfg.pools
     common = {"engine": cfg.engine, "max_pixels": cfg.judge_max_pixels,
               "tensor_parallel": cfg.judge_tensor_parallel}
@@ -155,22 +155,22 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
                     fn_constructor_kwargs={**kwargs, "batch_size": max(1, pc.batch_size * 4),
                                            "num_gpus": pc.num_gpus})
 
-    ds = ds.map_batches(**pool(ScreenVideos, P.screen, judge=screener, screen=cfg.screen, **screening))
+    dataset = dataset.map_batches(**pool(ScreenVideos, P.screen, judge=screener, screen=cfg.screen, **screening))
     cpu = dict(ray_remote_args_fn=functools.partial(cpu_task_args, cfg.cpu_stage_cpus),
                compute=TaskPoolStrategy(size=cfg.cpu_stage_tasks), batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
-    ds = ds.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter,
+    dataset = dataset.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
+    dataset = dataset.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter,
                                                   "improvement": cfg.improvement}, **cpu)
     if cfg.fuse_pair_stages:  # one process and one judge (models.judge) for the good-frame to align stages
-        return ds.map_batches(**pool(MinePairs, P.pairs, judge=judge, editor=editor, good=cfg.good_frame,
+        return dataset.map_batches(**pool(MinePairs, P.pairs, judge=judge, editor=editor, good=cfg.good_frame,
                                      quality=cfg.quality, overlay=cfg.overlay, align=cfg.align, seed=cfg.seed,
                                      image_format=cfg.sample.image_format, **common))
-    ds = ds.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=screener, good=cfg.good_frame, **screening))
-    ds = ds.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
-    ds = ds.map_batches(**pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay,
+    dataset = dataset.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=screener, good=cfg.good_frame, **screening))
+    dataset = dataset.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
+    dataset = dataset.map_batches(**pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay,
                                seed=cfg.seed, image_format=cfg.sample.image_format, **common))
-    ds = ds.map_batches(**pool(CheckAlignment, P.align, judge=judge, align=cfg.align, **common))
-    return ds
+    dataset = dataset.map_batches(**pool(CheckAlignment, P.align, judge=judge, align=cfg.align, **common))
+    return dataset
 
 
 def pair_rows(row: dict, data: dict, cfg: VcmpConfig, cues: list, provenance: dict) -> list[dict]:
@@ -200,12 +200,12 @@ def pair_rows(row: dict, data: dict, cfg: VcmpConfig, cues: list, provenance: di
     return out
 
 
-def stage_times(ds) -> dict:
+def stage_times(dataset) -> dict:
     """{operator: {"wall_s", "cpu_s", "udf_s"}}: task time summed over each
     operator's tasks (udf: inside the stage's own function), from Ray Data's stats."""
     out: dict = {}
     try:
-        summary = ds._get_stats_summary()
+        summary = dataset._get_stats_summary()
     except Exception:  # stats are a report, never a reason to fail
         return out
 
@@ -328,14 +328,14 @@ def run(cfg: VcmpConfig) -> dict:
     wall_pipeline, times = 0.0, {}
     try:
         if videos:
-            ds = build_pipeline(cfg, ray, videos)
+            dataset = build_pipeline(cfg, ray, videos)
             t1 = time.perf_counter()
             with tracker.phase("pipeline"), Progress("vcmp", len(videos), "videos") as recorder.progress:
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in R.rows_of(batch):
                         recorder.add(row, len(videos))
             wall_pipeline = time.perf_counter() - t1
-            times = stage_times(ds)
+            times = stage_times(dataset)
     except BaseException as error:
         tracker.close(error)
         raise

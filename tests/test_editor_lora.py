@@ -40,13 +40,13 @@ def test_epoch_batches_are_single_bucket_and_even_across_ranks():
         return {"key": str(i), "target_w": w, "target_h": 96, "control_w": 64, "control_h": 64}
 
     entries = [entry(i, 128 if i % 3 else 96) for i in range(11)]  # 7 of one bucket, 4 of another
-    plan = epoch_batches(entries, batch_size=2, seed=42, epoch=0, world=2)
-    assert len(plan[0]) == len(plan[1]) == 3                        # 6 batches (4 + 2), dealt evenly
-    for rank in plan:
+    layout = epoch_batches(entries, batch_size=2, seed=42, epoch=0, world=2)
+    assert len(layout[0]) == len(layout[1]) == 3                        # 6 batches (4 + 2), dealt evenly
+    for rank in layout:
         for batch in rank:
             assert len({e["target_w"] for e in batch}) == 1
-    assert plan == epoch_batches(entries, 2, 42, 0, 2)                 # same arguments, same plan
-    assert plan != epoch_batches(entries, 2, 42, 1, 2)                 # a new order every epoch
+    assert layout == epoch_batches(entries, 2, 42, 0, 2)                 # same arguments, same layout
+    assert layout != epoch_batches(entries, 2, 42, 1, 2)                 # a new order every epoch
 
 
 def test_training_loss_falls_by_30_percent(trained):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aesformer import ds, sft
+from aesformer import deepspeed_engine, sft
 from aesformer.actions import SPECIAL_TOKENS, ActionPlan, thinker_instruction
 from aesformer.config import ConfigError, load_config, parse_workers
 from aesformer.jobs import sft as job
@@ -34,7 +34,7 @@ def thinker(tiny_models):
 # -- DeepSpeed config -----------------------------------------------------------------------
 
 def test_deepspeed_config_carries_the_batch_precision_and_optimizer():
-    conf = ds.deepspeed_config(zero_stage=3, bf16=True, lr=1e-4, weight_decay=0.01, grad_clip=1.0,
+    conf = deepspeed_engine.deepspeed_config(zero_stage=3, bf16=True, lr=1e-4, weight_decay=0.01, grad_clip=1.0,
                                micro_batch=2, grad_accum=8)
     assert conf["train_micro_batch_size_per_gpu"] == 2
     assert conf["gradient_accumulation_steps"] == 8
@@ -46,20 +46,20 @@ def test_deepspeed_config_carries_the_batch_precision_and_optimizer():
     params = conf["optimizer"]["params"]
     assert conf["optimizer"]["type"] == "AdamW" and params["lr"] == 1e-4 and params["weight_decay"] == 0.01
     assert params["torch_adam"] is True  # nothing to compile, same maths on CPU and GPU
-    assert "optimizer" not in ds.deepspeed_config(zero_stage=2, optimizer=False)
+    assert "optimizer" not in deepspeed_engine.deepspeed_config(zero_stage=2, optimizer=False)
 
 
 def test_deepspeed_config_rejects_impossible_settings():
     with pytest.raises(ValueError, match="zero_stage"):
-        ds.deepspeed_config(zero_stage=4)
+        deepspeed_engine.deepspeed_config(zero_stage=4)
     with pytest.raises(ValueError, match="micro_batch"):
-        ds.deepspeed_config(micro_batch=0)
+        deepspeed_engine.deepspeed_config(micro_batch=0)
     with pytest.raises(ValueError, match="ZeRO stage 3"):
-        ds.deepspeed_config(zero_stage=2, offload_params=True)
+        deepspeed_engine.deepspeed_config(zero_stage=2, offload_params=True)
 
 
 def test_torch_backend_is_gloo_without_cuda():
-    assert ds.torch_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert deepspeed_engine.torch_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
 # -- samples -----------------------------------------------------------------------------------
@@ -171,18 +171,18 @@ def test_cosine_schedule_with_warmup_matches_the_hugging_face_one():
     assert sft.lr_factor(30, total, warmup, "constant") == 1.0
 
 
-def test_stream_plan_counts_steps_over_workers_and_epochs():
-    plan = sft.stream_plan(rows=24, world_size=2, micro_batch=2, grad_accum=1, epochs=12)
-    assert (plan.rows_per_worker, plan.total_steps, plan.micro_batches, plan.global_batch) == (144, 72, 72, 4)
-    assert plan.samples_seen(10) == 40 and plan.epoch_at(36) == 6.0
-    paper = sft.stream_plan(rows=8168, world_size=8, micro_batch=2, grad_accum=8, epochs=2)
+def test_step_layout_counts_steps_over_workers_and_epochs():
+    layout = sft.step_layout(rows=24, world_size=2, micro_batch=2, grad_accum=1, epochs=12)
+    assert (layout.rows_per_worker, layout.total_steps, layout.micro_batches, layout.global_batch) == (144, 72, 72, 4)
+    assert layout.samples_seen(10) == 40 and layout.epoch_at(36) == 6.0
+    paper = sft.step_layout(rows=8168, world_size=8, micro_batch=2, grad_accum=8, epochs=2)
     assert paper.total_steps == 8168 * 2 // 8 // 16 == 127
     # a resumed run continues exactly where the samples seen end
-    assert sft.resumed_step(plan.samples_seen(10), plan) == 10
+    assert sft.resumed_step(layout.samples_seen(10), layout) == 10
     # an elastic restart on 3 workers: the step below the same samples
-    assert sft.resumed_step(40, sft.stream_plan(24, 3, 2, 1, 12)) == 6
+    assert sft.resumed_step(40, sft.step_layout(24, 3, 2, 1, 12)) == 6
     with pytest.raises(ValueError, match="cannot fill one optimizer step"):
-        sft.stream_plan(rows=10, world_size=2, micro_batch=2, grad_accum=8, epochs=1)
+        sft.step_layout(rows=10, world_size=2, micro_batch=2, grad_accum=8, epochs=1)
 
 
 # -- model -------------------------------------------------------------------------------------------

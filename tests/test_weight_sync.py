@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from aesformer.ds import GatheredSource, layer_key
+from aesformer.deepspeed_engine import GatheredSource, layer_key
 from aesformer.weight_sync import (GlooReceiver, GlooTrainerTransfer, bucket_plan, rank_offsets, total_bytes,
                                    update_info)
 

@@ -512,12 +512,12 @@ def read_ray(folder: PathLike, columns: Optional[Sequence[str]] = None, split: O
     shards = _shards_checked(folder, schema)
     if not shards:
         raise PairError("no finished shards to read", file=folder)
-    ds = ray.data.read_parquet([str(s) for s in shards], **read_kwargs)
+    dataset = ray.data.read_parquet([str(s) for s in shards], **read_kwargs)
     if split is not None:
-        ds = ds.filter(expr=col("split") == split)
+        dataset = dataset.filter(expr=col("split") == split)
     if columns is not None:
-        ds = ds.select_columns(list(columns))
-    return ds
+        dataset = dataset.select_columns(list(columns))
+    return dataset
 
 
 # -- train/test split ----------------------------------------------------------------------

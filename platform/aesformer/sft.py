@@ -9,7 +9,7 @@
 - the learning-rate schedule: linear warmup then cosine decay
   (:func:`lr_factor`, :func:`make_scheduler`);
 - the data position: how many optimizer steps the run holds and where a
-  step sits in the data stream (:class:`StreamPlan`), so a resumed run
+  step sits in the data stream (:class:`StepLayout`), so a resumed run
   neither repeats nor skips samples;
 - the model: LoRA on every linear layer of the language model, the vision
   tower frozen, embeddings and lm_head trained in full (:func:`apply_lora`);
@@ -239,7 +239,7 @@ def make_scheduler(optimizer: Any, total_steps: int, warmup: int, schedule: str 
 # -- data position ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class StreamPlan:
+class StepLayout:
     """How the training stream is laid out.
 
     The stream is every epoch's copy of the data one after the other (each
@@ -250,7 +250,7 @@ class StreamPlan:
     into each worker's shard.
     """
 
-    rows: int  # rows with a plan (one epoch)
+    rows: int  # rows with a layout (one epoch)
     world_size: int
     micro_batch: int
     grad_accum: int
@@ -281,21 +281,21 @@ class StreamPlan:
         return self.samples_seen(step) / max(1, self.rows)
 
 
-def stream_plan(rows: int, world_size: int, micro_batch: int, grad_accum: int, epochs: int) -> StreamPlan:
+def step_layout(rows: int, world_size: int, micro_batch: int, grad_accum: int, epochs: int) -> StepLayout:
     """The layout for ``rows`` rows per epoch over ``world_size`` workers;
     ValueError when the data cannot fill one optimizer step."""
-    plan = StreamPlan(rows, world_size, micro_batch, grad_accum, epochs)
-    if plan.total_steps < 1:
+    layout = StepLayout(rows, world_size, micro_batch, grad_accum, epochs)
+    if layout.total_steps < 1:
         raise ValueError(f"{rows} training rows × {epochs} epochs cannot fill one optimizer step: {world_size} "
-                         f"workers × micro_batch {micro_batch} × grad_accum {grad_accum} need {plan.global_batch}")
-    return plan
+                         f"workers × micro_batch {micro_batch} × grad_accum {grad_accum} need {layout.global_batch}")
+    return layout
 
 
-def resumed_step(samples_seen: int, plan: StreamPlan) -> int:
-    """The step to continue from after ``samples_seen`` rows under ``plan``
+def resumed_step(samples_seen: int, layout: StepLayout) -> int:
+    """The step to continue from after ``samples_seen`` rows under ``layout``
     (exact when the world size is unchanged; the nearest step below when an
     elastic restart changed it)."""
-    return min(plan.total_steps, samples_seen // plan.global_batch)
+    return min(layout.total_steps, samples_seen // layout.global_batch)
 
 
 # -- the model -----------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def apply_lora(model: Any, rank: int = 8, alpha: int = 16, dropout: float = 0.05
 def save_adapter(model: Any, processor: Any, directory: str | os.PathLike) -> Path:
     """The peft adapter (LoRA weights plus the fully trained embeddings and
     lm_head) and the extended processor, in the Hugging Face layout. Under
-    ZeRO-3 call it inside :func:`aesformer.ds.gathered` over the trainable
+    ZeRO-3 call it inside :func:`aesformer.deepspeed_engine.gathered` over the trainable
     parameters."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ metadata is sent as a message. No weight byte goes through the object store.
 
 A source of weights is any object with ``metadata`` (``[(name, dtype,
 shape)]``) and ``iter_full()`` yielding ``(name, full tensor)`` in metadata
-order (``aesformer.ds.GatheredSource`` gathers ZeRO-3 partitions layer by
+order (``aesformer.deepspeed_engine.GatheredSource`` gathers ZeRO-3 partitions layer by
 layer). Every trainer rank iterates it (the gathers are collectives); only
 rank 0 sends.
 """
