@@ -156,7 +156,7 @@ class LearnerWorker:
         Returns sums over this rank's tokens, for the driver to combine."""
         import torch
 
-        from aesformer.grpo import aggregate, kl_penalty, policy_loss
+        from aesformer.grpo import grpo_loss
 
         s = self.s
         sums = dict(tokens=0.0, mismatch=0.0, mismatch_max=0.0, entropy=0.0, kl=0.0, clip=0.0, dual_clip=0.0,
@@ -189,18 +189,11 @@ class LearnerWorker:
                 offset += len(chunk) if weight else 0
                 ref = self._padded([x["ref_logprobs"] for x in chunk], logp)
                 adv = torch.tensor([float(x["advantage"]) for x in chunk], dtype=torch.float32, device=logp.device)
-                if s["loss_agg"] == "token-mean":
-                    norm = {"normalizer": float(totals[u]["tokens"])}
-                    share = 1.0
-                else:  # seq-mean-token-mean: weight this micro-batch by its share of the sequences
-                    norm = {}
-                    share = len(chunk) * weight / max(1.0, float(totals[u]["sequences"]))
-                pg, m = policy_loss(logp, old_logp, adv, mask, clip_ratio_low=s["clip_ratio_low"],
-                                    clip_ratio_high=s["clip_ratio_high"], dual_clip=s["dual_clip"], mode=s["loss_agg"],
-                                    **norm)
-                kl_tok = kl_penalty(logp, ref, s["kl_estimator"])
-                kl = aggregate(kl_tok, mask, s["loss_agg"], **norm)
-                loss = (pg + s["kl_coef"] * kl) * share
+                loss, m = grpo_loss(logp, old_logp, ref, adv, mask, kl_coef=s["kl_coef"],
+                                    kl_estimator=s["kl_estimator"], mode=s["loss_agg"],
+                                    clip_ratio_low=s["clip_ratio_low"], clip_ratio_high=s["clip_ratio_high"],
+                                    dual_clip=s["dual_clip"], batch_tokens=totals[u]["tokens"],
+                                    batch_sequences=totals[u]["sequences"], sequences=len(chunk) * weight)
                 # DeepSpeed divides by grad_accum and averages over ranks; undo
                 # both so the gradient is that of the mini-batch's token-mean.
                 self.engine.backward(loss * self.world * s["grad_accum"])
@@ -215,10 +208,10 @@ class LearnerWorker:
                     sums["mismatch"] += float(diff.sum())
                     sums["mismatch_max"] = max(sums["mismatch_max"], float(diff.max()) if n else 0.0)
                     sums["entropy"] += float((entropy * mask).sum())
-                    sums["kl"] += float((kl_tok * mask).sum())
+                    sums["kl"] += float((m["kl_tokens"] * mask).sum())
                     sums["clip"] += m["clip_frac"] * n
                     sums["dual_clip"] += m["dual_clip_frac"] * n
-                    sums["pg_loss"] += float(pg) * share
+                    sums["pg_loss"] += m["pg_loss"]
                     sums["loss"] += float(loss)
             norm_value = self.engine.get_global_grad_norm()
             if norm_value is not None:

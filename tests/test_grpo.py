@@ -178,3 +178,26 @@ def test_entropy_of_uniform_logits_is_log_vocab():
     logits = torch.zeros(2, 4, 8)
     assert torch.allclose(entropy_from_logits(logits), torch.full((2, 4), math.log(8)))
     assert masked_entropy(logits, torch.ones(2, 4)).item() == pytest.approx(math.log(8))
+
+
+def test_grpo_loss_of_micro_batches_adds_up_to_the_mini_batchs_loss():
+    from aesformer.grpo import grpo_loss, kl_loss, policy_loss
+
+    torch.manual_seed(0)
+    logp = torch.randn(4, 5)
+    old = logp + 0.05 * torch.randn(4, 5)
+    ref = logp + 0.1 * torch.randn(4, 5)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    mask = torch.ones(4, 5)
+    mask[1, 3:] = 0
+    mask[3, 4:] = 0
+    kw = dict(kl_coef=0.01, kl_estimator="low_var_kl", clip_ratio_low=0.2, clip_ratio_high=0.3, dual_clip=3.0)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        whole, _ = grpo_loss(logp, old, ref, adv, mask, mode=mode, batch_tokens=float(mask.sum()),
+                             batch_sequences=4, sequences=4, **kw)
+        parts = sum(grpo_loss(logp[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2], mode=mode,
+                              batch_tokens=float(mask.sum()), batch_sequences=4, sequences=2, **kw)[0]
+                    for i in (0, 2))
+        assert torch.allclose(whole, parts, atol=1e-6), mode
+        pg, _ = policy_loss(logp, old, adv, mask, 0.2, 0.3, 3.0, mode=mode)
+        assert torch.allclose(whole, pg + 0.01 * kl_loss(logp, ref, mask, "low_var_kl", mode=mode), atol=1e-6)

@@ -148,6 +148,33 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind
     return aggregate(kl_penalty(logp, ref_logp, kind), mask, mode, normalizer=normalizer)
 
 
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, *, kl_coef: float, kl_estimator: str = "low_var_kl", mode: str = "token-mean",
+              clip_ratio_low: float = 0.2, clip_ratio_high: Optional[float] = 0.3, dual_clip: Optional[float] = 3.0,
+              batch_tokens: float, batch_sequences: float, sequences: float) -> tuple[torch.Tensor, dict]:
+    """GRPO-A's loss on one micro-batch of a mini-batch: the clipped policy
+    term plus ``kl_coef`` times the KL term, each aggregated like the other.
+
+    The micro-batches of a mini-batch (across steps of accumulation and
+    ranks) add up to the mini-batch's loss: with ``token-mean`` every token
+    is divided by ``batch_tokens``, the mini-batch's response tokens; with
+    ``seq-mean-token-mean`` the micro-batch's mean counts by its
+    ``sequences`` out of ``batch_sequences``.
+
+    Returns (loss, parts): ``pg_loss`` (the policy term's share, a float),
+    ``kl_tokens`` (per-token KL, detached) and the policy term's metrics.
+    """
+    if mode == "token-mean":
+        norm, share = {"normalizer": float(batch_tokens)}, 1.0
+    else:
+        norm, share = {}, float(sequences) / max(1.0, float(batch_sequences))
+    pg, metrics = policy_loss(logp, old_logp, advantages, mask, clip_ratio_low=clip_ratio_low,
+                              clip_ratio_high=clip_ratio_high, dual_clip=dual_clip, mode=mode, **norm)
+    kl_tokens = kl_penalty(logp, ref_logp, kl_estimator)
+    loss = (pg + kl_coef * aggregate(kl_tokens, mask, mode, **norm)) * share
+    return loss, {"pg_loss": float(pg) * share, "kl_tokens": kl_tokens.detach(), **metrics}
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log π(label) at each position: logits [B, T, V], labels [B, T] → [B, T].
 
