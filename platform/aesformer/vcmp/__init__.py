@@ -17,5 +17,6 @@ One small, separately testable module per stage; the Ray plumbing lives in
 - :mod:`.align`     — geometric overlap check (ORB + RANSAC)
 - :mod:`.rows`      — the segment row schema passed between stages
 - :mod:`.state`     — resumable per-video progress log
+- :mod:`.recorder`  — the driver writing pairs and frames as rows arrive, durable per video
 - :mod:`.report`    — funnel report, table, truth evaluation
 """
