@@ -46,7 +46,7 @@ def test_it_ends_by_saying_where_each_result_lies(quickstart):
     assert "mlflow ui --backend-store-uri sqlite:///" in tail
     assert "tiny editor paints noise" in tail
     for line in lines:  # every path it names exists
-        for word in line.replace(",", " ").split():
+        for word in line.replace(",", " ").replace("(", " ").replace(")", " ").split():
             if word.startswith(str(out)) and "<stage>" not in word:
                 assert Path(word).exists(), line
 
