@@ -51,10 +51,25 @@ def evaluated(tiny_models, tmp_path_factory):
     _start_ray()
     try:
         first = evaluate.main(_args(data, tmp / "out", laion))
+        made = _made(tmp / "out")
         again = evaluate.main(_args(data, tmp / "out", laion))
     finally:
         shutdown_ray()
+    assert made == _made(tmp / "out"), "the rerun rewrote an output or a verdict"
     return first, again, tmp / "out"
+
+
+def _made(out):
+    """What the job made: every output file with its modification time, and every stored verdict."""
+    from aesformer.evaluation.store import open_store
+
+    files = {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in (out / "outputs").rglob("*") if p.is_file()}
+    store = open_store(out)
+    try:
+        verdicts = sorted((v["key"], v["ord"], v["created"]) for v in store.verdicts())
+    finally:
+        store.close()
+    return files, verdicts
 
 
 def test_the_whole_report_on_the_tiny_profile(evaluated):
@@ -64,7 +79,8 @@ def test_the_whole_report_on_the_tiny_profile(evaluated):
     md = (out / "report.md").read_text()
     for label in ("AesFormer", "Editor, no thinker", "Identity (poor photo)"):
         assert f"| {label} | ours |" in md, label
-    assert "| AesFormer | paper | 65.33 | 26.25 | n/a | 5.60 | 3.51 |" in md
+    assert "| AesFormer | paper | AesThinker | 65.33 | 68.63 | 26.25 | 24.39 | 47.76 | 5.60 | 3.51 |" in md
+    assert "| Editor, no thinker | ours | None |" in md and "| Qwen-Image-Edit-2511 | paper | None | 16.50 |" in md
     assert "Scorer artimuse: skipped: artimuse: weights is not set" in md
     assert "Scorer laion: ok, scale 1-10" in md and "Scorer qalign: ok, scale 1-5" in md
     assert "Judge: kind=local, model=tiny:judge" in md
@@ -82,6 +98,10 @@ def test_the_whole_report_on_the_tiny_profile(evaluated):
     assert first["judge_asked"] == first["judge_requests"] == 24 and first["judge_failed"] == 0
     outputs = sorted(p.relative_to(out).as_posix() for p in (out / "outputs").glob("*/seed0/images/*.png"))
     assert len(outputs) == 6 and "outputs/identity/seed0/images/astronaut.png" in outputs
+    # the grid: one row per case (2 photos here), columns poor | each system | good, 160-pixel cells
+    from PIL import Image
+
+    assert Image.open(out / "cases.png").size == (5 * 164 + 4, 2 * 164 + 4 + 16)
 
 
 def test_identity_against_the_poor_photo_is_fifty_percent_with_both_orders(evaluated):
@@ -91,6 +111,8 @@ def test_identity_against_the_poor_photo_is_fifty_percent_with_both_orders(evalu
 
 
 def test_a_rerun_generates_nothing_and_asks_the_judge_nothing(evaluated):
+    """Counted by the job, and seen on disk: the fixture checks that no output file
+    and no stored verdict changed in the rerun."""
     first, again, _ = evaluated
     assert again["generated"] == 0 and again["judge_asked"] == 0 and again["judge_requests"] == 0
     assert again["scored"] == 0
@@ -108,4 +130,6 @@ def test_everything_is_in_mlflow(evaluated):
     assert first.data.metrics["identity.win_vs_poor"] == pytest.approx(50.0, abs=2.0)
     assert first.data.metrics["judge_requests"] == 24 and first.data.params["judge_used.kind"] == "local"
     names = {a.path for a in client.list_artifacts(first.info.run_id, "report")}
-    assert {"report/report.md", "report/report.html", "report/win_rates.png", "report/cases.png"} <= names
+    assert {"report/report.md", "report/report.html", "report/report.json", "report/win_rates.png",
+            "report/scores.png", "report/cases.png", "report/pairs.json"} <= names
+    assert first.data.metrics["aesformer.qalign"] > 0 and "identity.win_vs_good" in first.data.metrics

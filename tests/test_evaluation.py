@@ -146,31 +146,84 @@ def test_report_tables_put_the_papers_figures_beside_ours(tmp_path):
     meta = {"judge": {"kind": "openai", "model": "gpt-4o"}, "scorers": {"artimuse": "skipped: weights is not set"},
             "scorer_columns": {"laion": "laion"}}
     md = report.markdown(summary, meta)
-    assert "| AesFormer | paper | 65.33 | 26.25 | n/a | 5.60 | 3.51 |" in md
-    assert "| AesFormer | ours | 100.0 [100.0, 100.0] (n=3) | 0.0 [0.0, 0.0] (n=3) | n/a | 6.00 |" in md
+    # the paper's Table 1 columns: judge and human win rates against poor, then good, then the scorers
+    assert ("| system | source | thinker | win vs poor % [95% CI] | human vs poor % | win vs good % [95% CI] | "
+            "human vs good % | ArtiMuse | LAION aesthetic | Q-Align | judge failures | κ judge-human |") in md
+    assert ("| AesFormer | ours | trained thinker | 100.0 [100.0, 100.0] (n=3) | 100.0 [100.0, 100.0] (n=1) | "
+            "0.0 [0.0, 0.0] (n=3) | n/a | n/a | 6.00 | n/a | 0 | 1.00 |") in md
+    assert "| AesFormer | paper | AesThinker | 65.33 | 68.63 | 26.25 | 24.39 | 47.76 | 5.60 | 3.51 |" in md
+    # the paper's other rows follow ours, a row that was not transcribed as n/a
+    assert "| Nano Banana Pro | paper | None | 54.44 | 72.55 | 16.67 | 21.95 | 50.90 | 5.59 | 3.24 |" in md
+    assert "| Bagel + GPT-4o thinker | paper | GPT-4o | n/a | n/a | n/a | n/a | n/a | n/a | n/a |" in md
+    assert md.index("| AesFormer | ours |") < md.index("| AesFormer | paper |") < md.index("| Nano Banana Pro |")
+    assert "Table 2" not in md  # none of these systems is in the ablation
     assert "skipped: weights is not set" in md and "model=gpt-4o" in md and "half a win" in md
     png = report.plot_win_rates(summary, tmp_path / "w.png")
     page = report.html(summary, meta, [("Win rates", png)])
     assert "data:image/png;base64," in page and "65.33" in page and "src=\"http" not in page
-    assert paper.CITATION in md
+    assert paper.CITATION in md and "arXiv:2605.22126" in md and paper.SOURCE in md
+
+
+def test_the_ablation_table_is_shaped_like_the_papers_table_2():
+    systems = [SystemSpec(name="s1a", label="SFT only", thinker="sft", lora="none", table=2, paper="S1a"),
+               SystemSpec(name="full", label="SFT + GRPO-A + editor LoRA", table=2, paper="S1a + S1b + S2")]
+    verdicts = [_verdict("s1a", "p0", "poor", judge.OUTPUT_FIRST, "tie")]
+    summary = report.summarise(systems, verdicts, [], n_boot=100)
+    header, rows = report.table_rows(summary, 2, {})
+    # no thinker and no human columns, as in the paper
+    assert header == ["system", "source", "win vs poor % [95% CI]", "win vs good % [95% CI]", "ArtiMuse",
+                      "LAION aesthetic", "Q-Align", "judge failures"]
+    assert rows[0] == ["SFT only", "ours", "50.0 [50.0, 50.0] (n=1)", "n/a", "n/a", "n/a", "n/a", "0"]
+    assert rows[1] == ["S1a", "paper", "61.04", "24.58", "47.70", "5.58", "3.48", ""]
+    assert rows[3] == ["S1a + S1b + S2", "paper", "65.33", "26.25", "47.76", "5.60", "3.51", ""]
+    # then the paper's rows without a system of ours here, in the paper's order
+    assert [r[0] for r in rows[4:]] == ["Baseline (Qwen-Image-Edit-2511)", "S1a shuffle", "S1a + S2"]
+    assert "## Table 2: training stages" in report.markdown(summary, {})
+    assert report.table_rows(summary, 1, {}) == (report.table_rows(summary, 1, {})[0], [])
 
 
 def test_paper_figures_are_the_published_ones():
-    assert paper.TABLE_1["AesFormer"] == {"win_vs_poor": 65.33, "win_vs_good": 26.25, "artimuse": None,
-                                          "laion": 5.60, "qalign": 3.51}
+    """Every figure of Tables 1 and 2 as read (see paper.SOURCE); None where unread."""
+    t1 = {name: [row[c] for c in paper.COLUMNS] for name, row in paper.TABLE_1.items()}
+    assert t1["AesFormer"] == [65.33, 68.63, 26.25, 24.39, 47.76, 5.60, 3.51]
+    assert t1["Nano Banana Pro"] == [54.44, 72.55, 16.67, 21.95, 50.90, 5.59, 3.24]
+    assert t1["FLUX.1 Kontext"] == [12.96, 5.88, 2.66, 3.66, 38.34, 5.07, 2.83]
+    assert t1["Bagel"] == [12.40, 17.65, 7.75, 12.20, 37.69, 4.94, 2.58]
+    assert t1["Step1X-Edit-v1.1"] == [15.28, 11.76, 13.84, 13.41, 37.14, 5.33, 3.37]
+    assert t1["Qwen-Image-Edit-2511"] == [16.50, 9.80, 7.64, 12.20, 46.65, 5.44, 3.20]
+    unread = [name for name, figures in t1.items() if figures == [None] * 7]
+    assert len(unread) == 8 and all(" thinker" in name for name in unread)
+    assert paper.TABLE_1["AesFormer"]["thinker"] == "AesThinker"
+    t2 = {name: [row[c] for c in paper.TABLE_COLUMNS[2]] for name, row in paper.TABLE_2.items()}
+    assert t2 == {"Baseline (Qwen-Image-Edit-2511)": [16.50, 7.64, 46.65, 5.44, 3.20],
+                  "S1a shuffle": [58.69, 18.60, 46.16, 5.49, 3.36],
+                  "S1a": [61.04, 24.58, 47.70, 5.58, 3.48],
+                  "S1a + S2": [61.13, 24.14, 47.74, 5.58, 3.46],
+                  "S1a + S1b + S2": [65.33, 26.25, 47.76, 5.60, 3.51]}
+    # the full system of the ablation is AesFormer's row of Table 1, and the baseline the bare editor's
+    assert t2["S1a + S1b + S2"] == [t1["AesFormer"][i] for i in (0, 2, 4, 5, 6)]
+    assert t2["Baseline (Qwen-Image-Edit-2511)"] == [t1["Qwen-Image-Edit-2511"][i] for i in (0, 2, 4, 5, 6)]
+    assert "Du" in paper.CITATION and "ICML 2026" in paper.CITATION and "2605.22126" in paper.BIBTEX
 
 
 def test_the_stage_ablation_is_one_config_file():
+    """conf/evaluate_ablation.yaml holds one system per row of the paper's Table 2."""
     from aesformer.config import load_config
     from aesformer.jobs.evaluate import EvaluateConfig, system_catalog
 
     cfg = load_config(EvaluateConfig, "evaluate", ["catalog_file=evaluate_ablation.yaml"])
-    specs = system_catalog(cfg)
-    assert [s.label for s in specs] == ["SFT only", "SFT + editor LoRA", "SFT + GRPO-A + editor LoRA",
-                                        "Shuffled dimension order"]
-    assert all(s.table == 2 for s in specs) and [s.shuffle_dimensions for s in specs] == [False, False, False, True]
-    assert [s.thinker for s in specs] == ["sft", "sft", "trained", "trained"]
-    # the built-ins, one field overridden from the command line
+    specs = {s.paper: s for s in system_catalog(cfg)}
+    assert list(specs) == list(paper.TABLE_2) and all(s.table == 2 for s in specs.values())
+    fields = {row: (s.thinker, s.lora, s.shuffle_dimensions, s.editor) for row, s in specs.items()}
+    assert fields == {"Baseline (Qwen-Image-Edit-2511)": ("none", "none", False, "base"),  # the bare editor
+                      "S1a shuffle": ("sft", "none", True, "base"),                       # S1a, order shuffled
+                      "S1a": ("sft", "none", False, "base"),                              # SFT thinker
+                      "S1a + S2": ("sft", "trained", False, "base"),                      # + editor LoRA
+                      "S1a + S1b + S2": ("trained", "trained", False, "base")}            # + GRPO-A
+    # the built-ins stand for Table 1's rows, one field overridden from the command line
     cfg = load_config(EvaluateConfig, "evaluate", ["catalog.aesformer.lora=none"])
-    aes = system_catalog(cfg)[0]
+    builtins = system_catalog(cfg)
+    aes = builtins[0]
     assert (aes.name, aes.lora, aes.paper, aes.label) == ("aesformer", "none", "AesFormer", "AesFormer")
+    assert all(s.paper in paper.TABLE_1 for s in builtins if s.paper)
+    assert {s.name: s.paper for s in builtins}["editor_only"] == "Qwen-Image-Edit-2511"

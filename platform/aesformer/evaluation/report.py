@@ -44,7 +44,8 @@ def summarise(systems: Sequence[Any], verdicts: Sequence[dict], scores: Sequence
     out: dict[str, Any] = {"systems": {}, "tie_rule": TIE_RULE}
     for spec in systems:
         row: dict[str, Any] = {"label": spec.label, "table": spec.table, "paper": spec.paper,
-                               "describe": spec.describe()}
+                               "describe": spec.describe(), "thinker": spec.thinker, "editor": spec.editor,
+                               "shuffle_dimensions": spec.shuffle_dimensions}
         judged_total, failed, requests = 0, [], 0
         bias_pairs = []
         kappa_judge, kappa_human = [], []
@@ -113,27 +114,54 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+_TITLES = {"win_vs_poor": "win vs poor % [95% CI]", "human_vs_poor": "human vs poor %",
+           "win_vs_good": "win vs good % [95% CI]", "human_vs_good": "human vs good %"}
+_THINKERS = {"none": "None", "trained": "trained thinker", "base": "base thinker", "sft": "SFT thinker",
+             "endpoint": "endpoint"}
+
+
+def _thinker(s: dict) -> str:
+    if s.get("editor") == "identity":
+        return "-"
+    name = _THINKERS.get(s.get("thinker") or "none", s.get("thinker"))
+    return name + (", shuffled order" if s.get("shuffle_dimensions") else "")
+
+
 def table_rows(summary: dict, table: int, scorer_columns: dict[str, str]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of one table: ours, then the paper's figure where it has one.
-    ``scorer_columns`` maps a paper column (laion, qalign, artimuse) to our scorer name."""
-    header = ["system", "source", "win vs poor % [95% CI]", "win vs good % [95% CI]"]
-    header += [paper.COLUMN_TITLES[c] for c in ("artimuse", "laion", "qalign")]
-    header += ["human vs poor %", "human vs good %", "judge failures", "κ judge-human"]
-    rows = []
-    for name, s in summary["systems"].items():
+    """Header and rows of one table, in the paper's columns: each of our
+    systems, then the paper's figure for it where it has one, then the
+    paper's other rows. ``scorer_columns`` maps a paper column (laion,
+    qalign, artimuse) to our scorer name. No rows when none of our systems
+    belongs to the table."""
+    cols = paper.TABLE_COLUMNS[table]
+    with_thinker, with_kappa = table == 1, table == 1
+    header = ["system", "source"] + (["thinker"] if with_thinker else [])
+    header += [_TITLES.get(c) or paper.COLUMN_TITLES[c] for c in cols] + ["judge failures"]
+    header += ["κ judge-human"] if with_kappa else []
+    rows, shown = [], set()
+
+    def paper_cells(name: str, ref: dict) -> list[str]:
+        cells = [name, "paper"] + ([ref.get("thinker") or ""] if with_thinker else [])
+        return cells + [_fmt(ref[c]) for c in cols] + [""] + ([""] if with_kappa else [])
+
+    for s in summary["systems"].values():
         if s["table"] != table:
             continue
-        cells = [s["label"], "ours", _fmt_rate(s["win_vs_poor"]), _fmt_rate(s["win_vs_good"])]
-        for col in ("artimuse", "laion", "qalign"):
-            sc = s["scores"].get(scorer_columns.get(col, ""))
-            cells.append(_fmt(sc["mean"]) if sc else "n/a")
-        cells += [_fmt_rate(s["human_vs_poor"]), _fmt_rate(s["human_vs_good"]), str(s["judge_failures"]),
-                  _fmt(s["kappa"])]
+        cells = [s["label"], "ours"] + ([_thinker(s)] if with_thinker else [])
+        for col in cols:
+            if col in _TITLES:  # judged and human win rates
+                cells.append(_fmt_rate(s[col]))
+            else:
+                sc = s["scores"].get(scorer_columns.get(col, ""))
+                cells.append(_fmt(sc["mean"]) if sc else "n/a")
+        cells += [str(s["judge_failures"])] + ([_fmt(s["kappa"])] if with_kappa else [])
         rows.append(cells)
         ref = paper.paper_row(table, s["paper"])
         if ref is not None:
-            rows.append([s["label"], "paper", _fmt(ref["win_vs_poor"]), _fmt(ref["win_vs_good"]),
-                         _fmt(ref["artimuse"]), _fmt(ref["laion"]), _fmt(ref["qalign"]), "", "", "", ""])
+            rows.append(paper_cells(s["paper"], ref))
+            shown.add(s["paper"])
+    if rows:
+        rows += [paper_cells(name, ref) for name, ref in paper.TABLES[table].items() if name not in shown]
     return header, rows
 
 
@@ -145,7 +173,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _notes(summary: dict, meta: dict) -> list[str]:
     notes = [f"Ties: {summary['tie_rule']}.", "Intervals: percentile bootstrap over comparisons, 95%.",
-             f"Paper figures: {paper.CITATION}; a figure not transcribed shows n/a."]
+             f"Paper figures (rows marked paper; its judge is GPT-4o): {paper.CITATION}. {paper.SOURCE} "
+             "A figure not transcribed shows n/a."]
     judge = meta.get("judge") or {}
     notes.append("Judge: " + ", ".join(f"{k}={v}" for k, v in judge.items()))
     for name, status in (meta.get("scorers") or {}).items():

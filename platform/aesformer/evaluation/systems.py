@@ -51,10 +51,14 @@ class SystemSpec:
 
 
 # The built-in systems: AesFormer, the paper's plug-in setups, and the identity baseline.
+# ``paper`` names the row of the paper's Table 1 that the system stands for with the
+# paper's models (profile a40: the editor is Qwen-Image-Edit-2511, the base thinker
+# Qwen3-VL-8B).
 BUILTIN_SYSTEMS: dict[str, dict] = {
     "aesformer": dict(label="AesFormer", thinker="trained", lora="trained", paper="AesFormer"),
-    "editor_only": dict(label="Editor, no thinker", thinker="none", lora="none"),
-    "base_thinker_editor": dict(label="Base thinker + editor", thinker="base", lora="none"),
+    "editor_only": dict(label="Editor, no thinker", thinker="none", lora="none", paper="Qwen-Image-Edit-2511"),
+    "base_thinker_editor": dict(label="Base thinker + editor", thinker="base", lora="none",
+                                paper="Qwen-Image-Edit-2511 + Qwen3 thinker"),
     "identity": dict(label="Identity (poor photo)", editor="identity", thinker="none", lora="none"),
 }
 
