@@ -10,9 +10,13 @@ result lies and how to look at it.
     python jobs/quickstart.py                       # everything, ~minutes on 2 cores
     python jobs/quickstart.py stages=[samples,vcmp]  # a prefix of the pipeline
     python jobs/quickstart.py stages=[models,samples,vcmp,distill,sft,grpo_a,editor_lora,reconstruct,evaluate]
+    python jobs/quickstart.py stages=[evaluate]      # after a run of the others in the same output
 
 ``evaluate`` (judged win rates, scores, the report, over the four built-in
 systems) runs only when named in ``stages=``: it adds a few minutes on 2 cores.
+A stage left out of ``stages=`` reads what an earlier run wrote in the same
+``output``, as ``quickstart.json`` records it, and that file keeps every
+stage run there.
 """
 from __future__ import annotations
 
@@ -70,11 +74,13 @@ def run(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.output)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    # a stage left out this time reads what an earlier run of it wrote here
+    earlier = _earlier_run(out)
     init_ray(cfg.ray)
 
     def stage(name: str, fn, *extra: str) -> dict:
         if name not in cfg.stages:
-            return {}
+            return earlier["stages"].get(name) or {}
         log.info("stage %s", name)
         t0 = time.perf_counter()
         results[name] = fn(_common(cfg, name) + list(extra)) or {}
@@ -118,14 +124,29 @@ def run(cfg: QuickstartConfig) -> dict:
 
     from aesformer.jobs import evaluate
 
-    # the quickstart's few pairs: evaluate a handful of them whatever their split
+    # the quickstart's few pairs: evaluate a handful of them whatever their split, every
+    # comparison in both A/B orders (the identity baseline then scores 50% against the poor photo)
     stage("evaluate", lambda args: _brief(evaluate.main(args)), f"data={planned}", "split=null", "limit=4",
-          f"trained_thinker={thinker}", f"lora={lora_dir}")
+          "judge.both_orders=1.0", f"trained_thinker={thinker}", f"lora={lora_dir}")
 
-    summary = {"output": str(out.resolve()), "timings_s": timings, "stages": results}
+    # quickstart.json keeps the stages of earlier runs here that this one did not redo, in pipeline order
+    order = STAGES + OPTIONAL_STAGES
+    kept, kept_timings = {**earlier["stages"], **results}, {**earlier["timings_s"], **timings}
+    summary = {"output": str(out.resolve()),
+               "timings_s": {k: kept_timings.get(k) for k in order if k in kept},
+               "stages": {k: kept[k] for k in order if k in kept}}
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
     print(_where_things_are(cfg, results, timings))
     return summary
+
+
+def _earlier_run(out: Path) -> dict:
+    """{"stages", "timings_s"} of the quickstart runs before this one in ``out`` (empty when none)."""
+    try:
+        earlier = json.loads((out / "quickstart.json").read_text())
+        return {"stages": dict(earlier.get("stages") or {}), "timings_s": dict(earlier.get("timings_s") or {})}
+    except (OSError, ValueError):
+        return {"stages": {}, "timings_s": {}}
 
 
 def _brief(result: dict) -> dict:
@@ -176,6 +197,7 @@ def _where_things_are(cfg: QuickstartConfig, results: dict, timings: dict) -> st
     plans = out / "reconstruct" / "plans"
     plan = next(iter(sorted(plans.glob("*.txt"))), None) if plans.is_dir() else None
     first.append(("a plan the thinker wrote", str(plan) if plan else None))
+    first.append(("the evaluation report", results.get("evaluate", {}).get("html")))
     lines += ["", "Open first:"]
     lines += [f"  {label + ':':<26} {path}" for label, path in first if path]
     lines += [f"  {'every run, in MLflow:':<26} mlflow ui --backend-store-uri {uri}",

@@ -48,6 +48,12 @@ def test_profile_switch_swaps_models(conf):
     assert cfg.ray.num_cpus is None
 
 
+def test_null_on_the_command_line_is_none(conf):
+    cfg = load_config(DemoConfig, "demo", ["ray.num_cpus=null", "ray.address=~", "ray.num_gpus="])
+    assert (cfg.ray.num_cpus, cfg.ray.address, cfg.ray.num_gpus) == (None, None, None)
+    assert load_config(DemoConfig, "demo", ["output=None"]).output == "None"  # a string stays as typed
+
+
 def test_unknown_key_names_it_and_the_closest_valid_one(conf):
     with pytest.raises(ConfigError, match=r"'optim\.lrr'.*did you mean 'optim\.lr'"):
         load_config(DemoConfig, "demo", ["optim.lrr=1"])

@@ -79,3 +79,44 @@ def test_reconstruction_follows_the_trained_thinkers_plans(quickstart):
     rec = json.loads((out / "quickstart.json").read_text())["stages"]["reconstruct"]
     assert rec["unparsed_plans"] <= rec["photos"] // 2, rec
     assert len(list((out / "reconstruct" / "images").glob("*.png"))) == rec["ok"]
+
+
+def test_its_evaluate_stage_adds_the_report_to_the_run(quickstart):
+    """`stages=[evaluate]` in the same output, after the run above: the stage
+    finds the earlier stages' results (the distilled pairs, the GRPO-A
+    thinker, the editor LoRA) in quickstart.json, evaluates the four built-in
+    systems on 4 of the pairs and writes the whole report into the run's
+    MLflow store; quickstart.json then lists every stage."""
+    from mlflow.tracking import MlflowClient
+
+    out, _, _ = quickstart
+    t0 = time.perf_counter()
+    proc = run([PYTHON, "jobs/quickstart.py", f"output={out}", "stages=[evaluate]"], timeout=840,
+               env=dict(os.environ))
+    wall = time.perf_counter() - t0
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert list(summary["stages"]) == STAGES + ["evaluate"]
+    result = summary["stages"]["evaluate"]
+    # 4 systems x 4 photos x (poor, good), each in both A/B orders
+    assert result["photos"] == 4 and result["judge_failed"] == 0 and result["judge_asked"] == 4 * 4 * 2 * 2
+    report = json.loads((out / "evaluate" / "report.json").read_text())["summary"]["systems"]
+    assert abs(report["identity"]["win_vs_poor"]["rate"] - 50.0) <= 2.0, report["identity"]
+    ev = out / "evaluate"
+    for name in ("report.md", "report.html", "report.json", "win_rates.png", "scores.png", "cases.png"):
+        assert (ev / name).stat().st_size > 0, name
+    md = (ev / "report.md").read_text()
+    for label in ("AesFormer", "Editor, no thinker", "Base thinker + editor", "Identity (poor photo)"):
+        assert f"| {label} | ours |" in md, label
+    assert "| AesFormer | paper | AesThinker | 65.33 |" in md
+    # AesFormer is the GRPO-A thinker with the trained editor LoRA of the run above
+    spec = json.loads((ev / "outputs" / "aesformer" / "system.json").read_text())
+    assert Path(spec["thinker"]) == (out / "grpo_a" / "model").resolve()
+    assert Path(spec["lora"]) == (out / "editor_lora" / "lora").resolve()
+    tail = proc.stdout[proc.stdout.index("quickstart finished"):]
+    assert any(line.startswith("  evaluate ") and line.rstrip().endswith("report.html") for line in tail.splitlines())
+    assert f"the evaluation report:     {ev / 'report.html'}" in tail
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("aesformer").experiment_id],
+                              "tags.`mlflow.runName` LIKE 'evaluate%'")
+    assert runs, "no evaluate run in the quickstart's MLflow store"
+    print(f"evaluate stage: {wall:.0f}s")

@@ -101,3 +101,9 @@ def test_a_rater_votes_on_five_pairs_in_chromium_and_the_report_shows_them(tmp_p
     ident = again["summary"]["systems"]["identity"]
     human = [ident["human_vs_poor"], ident["human_vs_good"]]
     assert sum(h["n"] for h in human if h) == 5
+    # the table's human columns (after the judge's win rate against each reference) hold them
+    row = next(line for line in md.splitlines() if line.startswith("| Identity (poor photo) | ours |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    shown = [cells[4], cells[6]]
+    assert [c for c in shown if c != "n/a"] and all(f"(n={h['n']})" in c for h, c in zip(human, shown) if h)
+    assert "5 votes from 1 rater" in Path(again["html"]).read_text()

@@ -163,7 +163,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _parse_overrides(argv: Sequence[str]) -> dict:
-    """``a.b=1 c=x`` → nested dict, values parsed as YAML scalars/lists."""
+    """``a.b=1 c=x`` → nested dict, values parsed as YAML scalars/lists
+    (``key=null`` or ``key=`` sets None)."""
     out: dict = {}
     for arg in argv:
         if "=" not in arg:
@@ -176,8 +177,8 @@ def _parse_overrides(argv: Sequence[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str) or value is None:
-            value = raw if raw != "" else None
+        if isinstance(value, str):
+            value = raw  # a string stays as typed; null, ~ and an empty value are None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
