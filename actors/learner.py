@@ -350,9 +350,10 @@ class _NcclTransfer:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        from aesformer.weight_sync import _raw_copy_time
+        from aesformer.weight_sync import RawCopy
 
         outer = self
+        self.raw_copy = RawCopy(bucket_bytes)
         self.raw_copy_seconds = 0.0
         self.bytes = 0
         self.tensors = 0
@@ -369,7 +370,7 @@ class _NcclTransfer:
             def _iter_full(self):
                 for name, tensor in source.iter_full():
                     if rank == 0:
-                        outer.raw_copy_seconds += _raw_copy_time(tensor)
+                        outer.raw_copy_seconds += outer.raw_copy.copy(tensor.detach())
                         outer.bytes += tensor.numel() * tensor.element_size()
                         outer.tensors += 1
                     yield name, tensor
@@ -385,6 +386,8 @@ class _NcclTransfer:
         if self.client is not None:
             self.client.version = version
         self.raw_copy_seconds, self.bytes, self.tensors = 0.0, 0, 0
+        self.raw_copy.reset()
+        # from the engines' start call to their finish: the time the weights take to arrive
         t = self.time.perf_counter()
         self.active = None
         try:

@@ -364,14 +364,20 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return (float(a.mean()), float(a.std())) if a.size else (0.0, 0.0)
 
 
-def _alive(actor: Any, timeout: float = 30.0) -> bool:
+def _dead(actors: list, timeout: float = 30.0) -> list[int]:
+    """Indices of the actors that do not answer: one call to each, all in
+    flight together (one round trip, not one per actor)."""
     import ray
 
-    try:
-        ray.get(actor.get_version.remote(), timeout=timeout)
-        return True
-    except Exception:
-        return False
+    refs = [a.get_version.remote() for a in actors]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    dead = []
+    for i, ref in enumerate(refs):
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:
+            dead.append(i)
+    return dead
 
 
 class Trainer:
@@ -495,9 +501,8 @@ class Trainer:
         try:
             for attempt in (0, 1):
                 # a rollout actor that died since its last call is replaced first
-                for i, a in enumerate(list(self.rollout.actors)):
-                    if not _alive(a):
-                        self.rollout.restart(i, "found dead before the weight sync")
+                for i in _dead(list(self.rollout.actors)):
+                    self.rollout.restart(i, "found dead before the weight sync")
                 members = tuple(self.rollout.generations)
                 try:
                     if self.transfer_members != members:
@@ -509,7 +514,7 @@ class Trainer:
                     break
                 except Exception as e:
                     self.transfer_members = None
-                    dead = [i for i, a in enumerate(self.rollout.actors) if not _alive(a)]
+                    dead = _dead(list(self.rollout.actors))
                     if attempt or not dead:
                         raise
                     for i in dead:
@@ -797,8 +802,11 @@ def run(cfg: GrpoAConfig) -> dict:
             t = time.perf_counter()
             if cfg.sync_every and step % cfg.sync_every == 0:
                 sync = trainer.sync(step)
-            # the sync's wall time without the raw copy it timed alongside
+            # the sync phase's wall time without the raw copy it timed alongside; within it,
+            # the time the weights took to arrive (learner rank 0: the engines' start call to
+            # their finish) and the raw in-process copy of the same tensors it is compared with
             times["sync"] = time.perf_counter() - t - sync["raw_copy_seconds"]
+            times["sync_transfer"] = sync["seconds"]
             times["sync_raw_copy"] = sync["raw_copy_seconds"]
             times["step"] = time.perf_counter() - t_step
             versions = [s["weight_version"] for s in samples]
