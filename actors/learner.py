@@ -331,7 +331,8 @@ class _GlooTransfer:
         if self.client is not None:
             self.client.version = version
         st = self.engine.send_weights(str(version))
-        return {"bytes": st.bytes, "tensors": st.tensors, "seconds": st.seconds, "raw_copy_seconds": st.raw_copy_seconds}
+        return {"bytes": st.bytes, "tensors": st.tensors, "seconds": st.seconds, "raw_copy_seconds": st.raw_copy_seconds,
+                "parts": dict(st.parts)}
 
     def shutdown(self) -> None:
         self.engine.shutdown()

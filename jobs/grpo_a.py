@@ -497,20 +497,29 @@ class Trainer:
         from aesformer.cluster import object_store_created_bytes
 
         created = after = None
+        driver = dict(driver_alive=0.0, driver_store=0.0, driver_call=0.0)
+        clock = time.perf_counter
         self.syncing = True
         try:
             for attempt in (0, 1):
                 # a rollout actor that died since its last call is replaced first
+                t = clock()
                 for i in _dead(list(self.rollout.actors)):
                     self.rollout.restart(i, "found dead before the weight sync")
+                driver["driver_alive"] += clock() - t
                 members = tuple(self.rollout.generations)
                 try:
                     if self.transfer_members != members:
                         self._open_transfer(list(self.rollout.actors))
                         self.transfer_members = members
+                    t = clock()
                     created = object_store_created_bytes()  # around the send itself, not restarts
+                    t1 = clock()
                     stats = ray.get(self.learner.call_all("send_weights", version), timeout=900)[0]
+                    t2 = clock()
                     after = object_store_created_bytes()
+                    driver["driver_store"] += (t1 - t) + (clock() - t2)
+                    driver["driver_call"] += t2 - t1
                     break
                 except Exception as e:
                     self.transfer_members = None
@@ -523,6 +532,7 @@ class Trainer:
             self.syncing = False
         self.weights_version = version
         stats["object_store_bytes"] = (after - created) if None not in (after, created) else None
+        stats["parts"] = {**stats.get("parts", {}), **driver}
         return stats
 
     # -- one step -------------------------------------------------------------------------------
@@ -808,6 +818,7 @@ def run(cfg: GrpoAConfig) -> dict:
             times["sync"] = time.perf_counter() - t - sync["raw_copy_seconds"]
             times["sync_transfer"] = sync["seconds"]
             times["sync_raw_copy"] = sync["raw_copy_seconds"]
+            times.update({f"sync_{k}": v for k, v in sync.get("parts", {}).items()})
             times["step"] = time.perf_counter() - t_step
             versions = [s["weight_version"] for s in samples]
             metrics.update(reward_metrics(samples))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 DEFAULT_BUCKET_BYTES = 64 << 20
@@ -247,6 +247,9 @@ class SendStats:
     buckets: int = 0
     seconds: float = 0.0  # the send loop (or, from GlooTrainerTransfer, until every engine holds the weights), raw copies excluded
     raw_copy_seconds: float = 0.0  # a plain in-process copy of the same tensors (RawCopy)
+    # where ``seconds`` went on the sender: taking tensors from the source (ZeRO-3 gathers), packing
+    # them, waiting for the engines' start, for broadcasts, for the engines' update and finish calls
+    parts: dict = field(default_factory=dict)
 
 
 def send_packed(group: Optional[GlooGroup], pairs: Iterator[tuple[str, Any]], info: dict, bucket_bytes: int,
@@ -271,17 +274,21 @@ def send_packed(group: Optional[GlooGroup], pairs: Iterator[tuple[str, Any]], in
     error: Optional[BaseException] = None
     pending: list = [None, None]
     gate = before_first_broadcast
-    t0 = time.perf_counter()
+    parts = dict(source=0.0, pack=0.0, start_wait=0.0, broadcast_wait=0.0)
+    clock = time.perf_counter
+    t0 = clock()
     it = iter(pairs)
 
     def settle(slot: int) -> None:
         nonlocal error
         work, pending[slot] = pending[slot], None
         if work is not None:
+            t = clock()
             try:
                 work.wait()
             except BaseException as e:  # keep draining: the other ranks are still gathering
                 error = error or e
+            parts["broadcast_wait"] += clock() - t
 
     for b, bucket in enumerate(layout.buckets):
         slot = b % 2
@@ -291,21 +298,27 @@ def send_packed(group: Optional[GlooGroup], pairs: Iterator[tuple[str, Any]], in
             sending = error is None
         flat = buffers.get(slot, bucket.nbytes) if sending else None
         for i, offset, n in bucket.items:
+            t = clock()
             name, tensor = next(it)
+            parts["source"] += clock() - t
             if index_of.get(name) != i:
                 raise ValueError(f"weight source yielded '{name}' where the metadata has '{info['names'][i]}'")
             tensor = tensor.detach()
             if raw_copy is not None:
                 raw_copy.copy(tensor)
             if flat is not None and n:
+                t = clock()
                 _typed(flat, offset, tensor.dtype, tensor.shape).copy_(tensor)
+                parts["pack"] += clock() - t
             stats.tensors += 1
         if gate is not None:
             gate, run_gate = None, gate
+            t = clock()
             try:
                 run_gate()
             except BaseException as e:
                 error = error or e
+            parts["start_wait"] += clock() - t
         if flat is not None and error is None:
             try:
                 pending[slot] = group.broadcast(flat, src=0, wait=False)
@@ -323,7 +336,8 @@ def send_packed(group: Optional[GlooGroup], pairs: Iterator[tuple[str, Any]], in
     for _ in it:  # a source longer than its metadata
         raise ValueError("weight source yielded more tensors than its metadata lists")
     stats.raw_copy_seconds = raw_copy.seconds if raw_copy is not None else 0.0
-    stats.seconds = time.perf_counter() - t0 - stats.raw_copy_seconds
+    stats.seconds = clock() - t0 - stats.raw_copy_seconds
+    stats.parts = parts
     if error is not None:
         raise error
     return stats
@@ -501,10 +515,14 @@ class GlooTrainerTransfer:
             received = pool.submit(engines)
             stats = send_packed(self.group, self.source.iter_full(), info, self.bucket_bytes, buffers=self.buffers,
                                 raw_copy=self.raw_copy, layout=self.layout, before_first_broadcast=wait_started)
+            t = time.perf_counter()
             received.result()
+            stats.parts["update_wait"] = time.perf_counter() - t
         finally:
             pool.shutdown(wait=False)  # never wait on a peer stuck in a collective
+        t = time.perf_counter()
         self.client.finish_weight_update(weight_version)
+        stats.parts["finish"] = time.perf_counter() - t
         stats.seconds = time.perf_counter() - t0 - stats.raw_copy_seconds
         self.sent_info = info
         return stats

@@ -164,6 +164,9 @@ def transfer_and_async(cfg, records: list[dict], args: list[str], tmp: Path) -> 
         "sync_over_raw_copy": round(sync_s / raw_s, 2) if raw_s else None, "sync_over_raw_copy_goal": 1.2,
         "sync_phase_s": round(phase_s, 4), "sync_phase_over_raw_copy": round(phase_s / raw_s, 2) if raw_s else None,
         "weight_sync_buckets_mb": cfg.learner.sync_bucket_mb,
+        # where the sync phase goes (learner rank 0's parts, then the driver's)
+        "sync_parts_s": {k.removeprefix("time/sync_"): round(med(measured, k), 4) for k in sorted(measured[0])
+                         if k.startswith("time/sync_") and k not in ("time/sync_transfer", "time/sync_raw_copy")},
         "weight_sync_bytes": int(med(measured, "weight_sync_bytes")),
         "weight_object_store_bytes_per_sync": max(store) if None not in store else None,
         "transfer_over_capped_images": round(max(moved), 3) if moved else None, "transfer_goal": 1.2,
