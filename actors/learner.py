@@ -246,7 +246,7 @@ class LearnerWorker:
         if self.transfer is not None:
             self.transfer.shutdown()
             self.transfer = None
-        source = GatheredSource(self.trainable)
+        source = GatheredSource(self.trainable, max_bytes=bucket_bytes)  # gathers of about one bucket
         client = RolloutClient(handles, world_sizes) if self.rank == 0 else None
         world = 1 + sum(int(w) for w in world_sizes)
         address, port = self.address() if self.rank == 0 else ("", 0)

@@ -126,6 +126,12 @@ def test_the_source_groups_parameters_by_layer():
     assert [[n for n, _ in g] for g in groups] == [
         ["embed.weight"], ["layers.0.weight", "layers.0.bias"], ["layers.1.weight", "layers.1.bias"],
         ["layers.2.weight", "layers.2.bias"], ["head.weight"]]
+    # with a byte budget, consecutive layers share one gather (a larger layer still gets its own)
+    linear = (16 * 16 + 16) * 4
+    merged = GatheredSource(Model(0).named_parameters(), max_bytes=2 * linear).groups()
+    assert [[n for n, _ in g] for g in merged] == [
+        ["embed.weight"], ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"],
+        ["layers.2.weight", "layers.2.bias"], ["head.weight"]]
 
 
 @pytest.mark.timeout(120)
