@@ -15,9 +15,9 @@ rank runs the same number of forward passes (short shards are padded with a
 zero-weight copy of a real sample), as ZeRO-3's collectives require.
 
 Weights leave the group over a collective to the rollout engines
-(``aesformer.weight_sync``): every rank gathers the ZeRO-3 partitions layer
-by layer (``aesformer.deepspeed_engine.GatheredSource``) while rank 0 broadcasts each
-layer to the engines — vLLM's NCCL weight-transfer engine on GPU, a gloo
+(``aesformer.weight_sync``): every rank gathers the ZeRO-3 partitions a few
+whole layers at a time (``aesformer.deepspeed_engine.GatheredSource``, about a
+bucket per gather) while rank 0 broadcasts them to the engines — vLLM's NCCL weight-transfer engine on GPU, a gloo
 group on CPU — and drives the engines' init / start / update / finish calls.
 No weight byte goes through the object store.
 """

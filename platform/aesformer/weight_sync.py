@@ -15,14 +15,24 @@ On GPU the group is vLLM's NCCL transfer engine; on CPU it is a torch.distribute
 gloo group built here (:class:`GlooGroup`), outside the learner's own
 DeepSpeed process group. Tensors travel packed into flat byte buckets of at
 most ``bucket_bytes`` (one broadcast per bucket); both sides derive the same
-bucket boundaries from the metadata (:func:`bucket_plan`), so only the
-metadata is sent as a message. No weight byte goes through the object store.
+bucket boundaries and offsets from the metadata (:class:`Layout`), so only
+the metadata is sent as a message, once per group. Each side keeps two flat
+buffers for as long as the group lives (:class:`FlatBuffers`): the trainer
+packs bucket k+1 while bucket k is on the wire, and an engine has bucket k+1
+already posted while it copies bucket k into its parameters. The engines'
+``start`` call runs while the first bucket is packed. No weight byte goes
+through the object store.
+
+A transfer is judged by the time the weights take to arrive (``start``
+until every engine acknowledged ``finish``) against :class:`RawCopy`: the
+same tensors copied once in the trainer's process into preallocated
+destinations.
 
 A source of weights is any object with ``metadata`` (``[(name, dtype,
 shape)]``) and ``iter_full()`` yielding ``(name, full tensor)`` in metadata
-order (``aesformer.deepspeed_engine.GatheredSource`` gathers ZeRO-3 partitions layer by
-layer). Every trainer rank iterates it (the gathers are collectives); only
-rank 0 sends.
+order (``aesformer.deepspeed_engine.GatheredSource`` gathers ZeRO-3 partitions
+a few whole layers at a time). Every trainer rank iterates it (the gathers
+are collectives); only rank 0 sends.
 """
 from __future__ import annotations
 
