@@ -125,7 +125,10 @@ def reward_rise(steps: list[dict]) -> float:
 
 
 RISE = 0.08  # the bar both modes must clear over 30 steps
-ASYNC_SLACK = 0.02  # one step off policy may trail the synchronous rise by at most this
+# One step off policy may trail the synchronous rise by at most this: the
+# tiny runs are deterministic and measured 0.097 (sync) and 0.091 (async);
+# 0.02 is the bar's own margin under the synchronous rise.
+ASYNC_SLACK = 0.02
 
 
 @pytest.fixture(scope="module")
