@@ -168,7 +168,7 @@ def learning_runs(ray_session, small_data, sft_policy, tmp_path_factory):
     return get
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(learning_runs, mode):
     cfg, result, steps = learning_runs(mode)
