@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from aesformer.scorers import ScorerSpec
 from aesformer.vcmp.ingest import DEFAULT_EXTENSIONS
 
 
@@ -13,6 +14,10 @@ class PoolConfig:
     """One actor pool of a model-heavy stage."""
 
     size: int = 1
+    # grow to this many actors while its input queues (null: always `size`); a
+    # second actor near the end of a run keeps a core from idling while one actor
+    # works off the last videos
+    max_size: Optional[int] = None
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     # rows (videos or segments) per call
@@ -129,9 +134,12 @@ class ImprovementConfig:
 
 @dataclass
 class QualityConfig:
-    # scorer names: "classical:iqa", "classical:aesthetic" or a path to a TorchScript regressor
-    iqa: str = "classical:iqa"
-    aesthetic: str = "classical:aesthetic"
+    # the two scorers, as evaluation's (aesformer.scorers.ScorerSpec: kind classical:iqa,
+    # classical:aesthetic, torchscript, laion, qalign, artimuse, with their weights); a scorer
+    # whose weights are absent is skipped, and every pair's decision says why
+    iqa: ScorerSpec = field(default_factory=lambda: ScorerSpec(name="iqa", kind="classical:iqa"))
+    aesthetic: ScorerSpec = field(default_factory=lambda: ScorerSpec(name="aesthetic", kind="classical:aesthetic"))
+    # thresholds on the scorers' scores mapped to [0, 1] from their scales (ImageScorer.normalised)
     iqa_min: float = 0.35
     aesthetic_min: float = 0.25
     # VLM "is this sharp, without blur or ghosting" (E[score]/5) at least this
