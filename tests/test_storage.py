@@ -1,0 +1,105 @@
+"""Storage: the same helpers for a local folder and a URI of a pyarrow
+filesystem, here a real S3 endpoint (moto's server on 127.0.0.1, one per
+module, credentials from environment variables)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from helpers import s3_server
+
+from aesformer import storage
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        saved = {k: os.environ.get(k) for k in server["env"]}
+        os.environ.update(server["env"])
+        yield server
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def root(s3, request):
+    return f"s3://{s3['bucket']}/{request.node.name}"
+
+
+def test_uris_join_and_split_like_paths():
+    assert storage.is_uri("s3://b/x") and storage.is_uri("gs://b/x") and storage.is_uri("hdfs://h:9000/x")
+    assert not storage.is_uri("/tmp/x") and not storage.is_uri("file:///tmp/x") and not storage.is_uri("runs/x")
+    assert storage.join("s3://b/run", "checkpoints", "step-000002") == "s3://b/run/checkpoints/step-000002"
+    assert storage.join("s3://b/run/", "a") == "s3://b/run/a"
+    assert storage.join("s3://b/run?endpoint_override=h:1", "a") == "s3://b/run/a?endpoint_override=h:1"
+    assert storage.name("s3://b/run/step-000002") == "step-000002"
+    assert storage.parent("s3://b/run/step-000002") == "s3://b/run"
+    assert storage.join("/tmp/run", "a") == "/tmp/run/a"
+
+
+def test_files_written_to_s3_read_back_list_and_go(root):
+    assert not storage.exists(root) and storage.listdir(root) == []
+    storage.write_json(storage.join(root, "result.json"), {"step": 3, "name": "é"})
+    storage.write_text(storage.join(root, "checkpoints", "step-000001", "trainer_state.json"), "{}")
+    storage.write_text(storage.join(root, "checkpoints", "step-000002", "trainer_state.json"), "{}")
+    assert storage.read_json(storage.join(root, "result.json")) == {"step": 3, "name": "é"}
+    assert storage.is_dir(root) and storage.is_file(storage.join(root, "result.json"))
+    assert storage.listdir(root) == ["checkpoints", "result.json"]
+    assert storage.glob(root, "checkpoints/step-*") == [storage.join(root, "checkpoints", f"step-00000{i}")
+                                                        for i in (1, 2)]
+    storage.remove(storage.join(root, "checkpoints", "step-000001"))
+    assert storage.listdir(storage.join(root, "checkpoints")) == ["step-000002"]
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        storage.read_bytes(storage.join(root, "nothing.json"))
+
+
+def test_a_folder_goes_up_and_comes_back_byte_for_byte(root, tmp_path):
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "sub" / "weights.bin").write_bytes(os.urandom(6 << 20))  # more than one multipart part
+    storage.upload(src, storage.join(root, "model"))
+    back = storage.download(storage.join(root, "model"), tmp_path / "back")
+    assert (back / "config.json").read_text() == '{"a": 1}'
+    assert (back / "sub" / "weights.bin").read_bytes() == (src / "sub" / "weights.bin").read_bytes()
+
+
+def test_write_dir_replaces_the_whole_folder(root):
+    target = storage.join(root, "export")
+    storage.write_dir(target, lambda d: [(d / "old.txt").write_text("old"), (d / "keep.txt").write_text("1")])
+    storage.write_dir(target, lambda d: (d / "keep.txt").write_text("2"))
+    assert storage.listdir(target) == ["keep.txt"]
+    assert storage.read_text(storage.join(target, "keep.txt")) == "2"
+
+
+def test_a_model_at_a_uri_is_downloaded_once_per_content_into_the_nodes_cache(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("AESFORMER_MODEL_CACHE", str(tmp_path / "cache"))
+    folder = storage.join(root, "thinker")
+    storage.write_text(storage.join(folder, "config.json"), '{"v": 1}')
+    first = storage.local_copy(folder)
+    assert json.loads(open(os.path.join(first, "config.json")).read()) == {"v": 1}
+    assert first.startswith(str(tmp_path / "cache"))
+    assert storage.local_copy(folder) == first  # cached
+    storage.write_text(storage.join(folder, "config.json"), '{"v": 2, "changed": true}')
+    second = storage.local_copy(folder)
+    assert second != first and json.loads(open(os.path.join(second, "config.json")).read())["v"] == 2
+    assert storage.local_copy("/some/local/path") == "/some/local/path"
+    with pytest.raises(FileNotFoundError):
+        storage.local_copy(storage.join(root, "missing"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_jsonl_log_grows_and_drops_records_after_a_resume_point(where, root, tmp_path):
+    location = str(tmp_path / "steps.jsonl") if where == "local" else storage.join(root, "steps.jsonl")
+    log = storage.Appender(location)
+    for step in (1, 2, 3):
+        log.write({"step": step})
+    again = storage.Appender(location)  # a resumed run
+    again.keep(lambda r: r["step"] <= 2)
+    again.write({"step": 3, "redone": True})
+    lines = [json.loads(x) for x in storage.read_text(location).splitlines()]
+    assert lines == [{"step": 1}, {"step": 2}, {"step": 3, "redone": True}]
