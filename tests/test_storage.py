@@ -103,3 +103,20 @@ def test_a_jsonl_log_grows_and_drops_records_after_a_resume_point(where, root, t
     again.write({"step": 3, "redone": True})
     lines = [json.loads(x) for x in storage.read_text(location).splitlines()]
     assert lines == [{"step": 1}, {"step": 2}, {"step": 3, "redone": True}]
+
+
+def test_checkpoints_at_a_uri_are_found_resumed_and_pruned_like_local_ones(root):
+    from aesformer import checkpoints
+
+    ckpts = storage.join(root, "checkpoints")
+    for step in (1, 2, 3):
+        storage.write_bytes(storage.join(ckpts, f"step-{step:06d}", "weights.bin"), b"w")
+        checkpoints.write_state(storage.join(ckpts, f"step-{step:06d}"), {"step": step})
+    storage.write_bytes(storage.join(ckpts, "step-000004", "weights.bin"), b"w")  # no state file: incomplete
+    folder, state = checkpoints.resolve_resume("auto", ckpts, "step-*")
+    assert folder == storage.join(ckpts, "step-000003") and state["step"] == 3
+    assert checkpoints.resolve_resume(storage.join(ckpts, "step-000002"), ckpts, "step-*")[1]["step"] == 2
+    assert checkpoints.prune(ckpts, "step-*", keep=2) == [storage.join(ckpts, "step-000001")]
+    assert storage.listdir(ckpts) == ["step-000002", "step-000003", "step-000004"]
+    with pytest.raises(Exception, match="not a checkpoint"):
+        checkpoints.check_resume(storage.join(ckpts, "step-000004"))
