@@ -120,3 +120,19 @@ def test_checkpoints_at_a_uri_are_found_resumed_and_pruned_like_local_ones(root)
     assert storage.listdir(ckpts) == ["step-000002", "step-000003", "step-000004"]
     with pytest.raises(Exception, match="not a checkpoint"):
         checkpoints.check_resume(storage.join(ckpts, "step-000004"))
+
+
+def test_a_dataset_at_a_uri_is_written_found_and_read_like_a_local_one(root):
+    from aesformer.data import find_dataset, iter_pairs, read_table, shard_dataset
+    from aesformer.synth import sample_aesrecon
+
+    data = storage.join(root, "run", "pairs")
+    assert sample_aesrecon(data, 4, 0, test_fraction=0.25) == data
+    assert storage.listdir(data) == ["part-00000.parquet"]
+    assert find_dataset(storage.join(root, "run")) == data  # an earlier job's output means its pairs/
+    table = read_table(data, columns=["id", "split"])
+    assert table.num_rows == 4 and table.column("split").to_pylist().count("test") == 1
+    assert len(list(iter_pairs(data, ["id"], split="train"))) == 3
+    assert shard_dataset(data).count_rows() == 4
+    assert sample_aesrecon(data, 5, 0) == data  # a rerun adds only the missing pair
+    assert read_table(data, columns=["id"]).num_rows == 5 and len(storage.listdir(data)) == 2
