@@ -395,6 +395,17 @@ def write_dir(location: Location, write: Callable[[Path], Any]) -> str:
     return str(location)
 
 
+def ray_train_storage(location: Location) -> tuple[dict, Callable[[str], str]]:
+    """Ray Train's ``RunConfig`` storage for runs under ``location`` (its
+    ``storage_path``, and for a URI its pyarrow ``storage_filesystem``), and
+    the function that turns a checkpoint path Ray reports into a location."""
+    if not is_uri(location):
+        return {"storage_path": resolve(location)}, str
+    fs, path = filesystem(location)
+    return ({"storage_path": path, "storage_filesystem": fs},
+            lambda reported: join(location, str(reported)[len(path):].lstrip("/")))
+
+
 def model_cache() -> Path:
     """This node's cache of folders copied from URIs."""
     return Path(os.environ.get("AESFORMER_MODEL_CACHE", "~/.cache/aesformer/from-uri")).expanduser()

@@ -135,7 +135,16 @@ class Tracker:
             self.log_metrics({f"time/{name}": dt}, step=step)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
+        """A local file or folder, or one at a URI (copied here first)."""
         if not self.enabled:
+            return
+        from aesformer import storage
+
+        if storage.is_uri(path):
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="aesformer-artifact-") as tmp:
+                self.log_artifact(storage.download(path, Path(tmp) / storage.name(path)), artifact_path)
             return
         p = Path(path)
         if p.is_dir():
