@@ -421,10 +421,11 @@ def _fingerprint(location: str) -> str:
     return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
 
 
-def local_copy(location: Location) -> str:
+def local_copy(location: Location, cache: Optional[Location] = None) -> str:
     """A local path holding ``location``'s folder: the path itself when local;
-    for a URI, a copy in this node's cache (:func:`model_cache`), downloaded
-    once per content (a changed folder downloads again)."""
+    for a URI, a copy in this node's cache (``cache``, default
+    :func:`model_cache`), downloaded once per content (a changed folder
+    downloads again)."""
     if not is_uri(location):
         return str(location)
     from filelock import FileLock
@@ -433,7 +434,7 @@ def local_copy(location: Location) -> str:
     if not is_dir(uri):
         raise FileNotFoundError(f"{uri} is not a folder")
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    cache = model_cache()
+    cache = Path(cache).expanduser() if cache is not None else model_cache()
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / f"{name(uri) or 'root'}-{key}-{_fingerprint(uri)}"
     with FileLock(str(final) + ".lock"):
