@@ -48,7 +48,9 @@ log = logging.getLogger("editor_lora")
 
 @dataclass
 class CacheSettings:
-    # None: <models.cache_dir>/editor_cache (shared by runs; one sub-folder per encoder settings)
+    # None: <models.cache_dir>/editor_cache (shared by runs; one sub-folder per encoder
+    # settings) on one node; <output>/editor_cache on a cluster of several nodes, where the
+    # encoders and the training workers are on different disks. A folder or a URI.
     dir: Optional[str] = None
     pool_size: int = 1
     num_gpus: float = 0.0
@@ -135,7 +137,8 @@ def training_rows(data: str, split: Optional[str]) -> list[dict]:
 # ---------------------------------------------------------------------------
 # 1. Cache
 # ---------------------------------------------------------------------------
-def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str]) -> tuple[dict, dict, dict]:
+def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str],
+                nodes: int = 1) -> tuple[dict, dict, dict]:
     """Encode the pairs in ``ids`` that the cache lacks. Returns ({id: cache
     entry}, stats {pairs, hits, encoded, hit_rate}, the cache folder's settings)."""
     from ray.data import ActorPoolStrategy
@@ -148,7 +151,8 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
     settings = encoder_settings(editor_path, dtype=cfg.cache.dtype, control_area=cfg.control_area,
                                 condition_area=cfg.condition_area, target_area=cfg.target_area,
                                 aspects=cfg.aspects)
-    cache_dir = cfg.cache.dir or str(Path(cfg.models.cache_dir).expanduser() / "editor_cache")
+    cache_dir = cfg.cache.dir or (storage.join(cfg.output, "editor_cache") if nodes > 1
+                                  else str(Path(cfg.models.cache_dir).expanduser() / "editor_cache"))
     folder = settings_folder(cache_dir, settings)
     cols = ["id", "poor_image", "good_image", "plan"]
     # content keys: one streaming pass over the pairs (hashing is cheap next to encoding)
@@ -418,7 +422,7 @@ def run(cfg: EditorLoraConfig) -> dict:
     out = cfg.output  # a folder every node sees, or a URI (s3://...)
     with Tracker.start(cfg, "editor_lora") as tracker:
         with tracker.phase("ray_init"):
-            check_across_nodes(cfg, init_ray(cfg.ray))  # output shared by every node, no SQLite across nodes
+            nodes = check_across_nodes(cfg, init_ray(cfg.ray))  # output shared by every node, no SQLite across nodes
         editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
         data = str(find_dataset(cfg.data)) if cfg.data is not None else None
         if data is None:
@@ -430,7 +434,7 @@ def run(cfg: EditorLoraConfig) -> dict:
 
         # 1. cache
         with tracker.phase("cache"):
-            entries, stats, _ = build_cache(cfg, editor_path, data, {r["id"] for r in rows})
+            entries, stats, _ = build_cache(cfg, editor_path, data, {r["id"] for r in rows}, nodes)
         tracker.log_metrics({"cache/hit_rate": stats["hit_rate"], "cache/encoded": stats["encoded"]})
         train_entries = [entries[r["id"]] for r in rows if r["id"] in entries]
 
