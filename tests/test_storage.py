@@ -136,3 +136,13 @@ def test_a_dataset_at_a_uri_is_written_found_and_read_like_a_local_one(root):
     assert shard_dataset(data).count_rows() == 4
     assert sample_aesrecon(data, 5, 0) == data  # a rerun adds only the missing pair
     assert read_table(data, columns=["id"]).num_rows == 5 and len(storage.listdir(data)) == 2
+
+
+def test_a_job_that_cannot_write_to_a_uri_says_so_before_any_work(capsys):
+    from aesformer.jobs.reconstruct import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["output=s3://bucket/reconstruct", "input=photos"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "reconstruct writes its output to a local or shared folder only" in err and "grpo_a" in err

@@ -27,6 +27,9 @@ from aesformer.config import ConfigError, JobConfig, load_config, to_yaml
 
 T = TypeVar("T", bound=JobConfig)
 
+# Jobs whose output may be a URI of a pyarrow filesystem (s3://, gs://, hdfs://)
+URI_OUTPUTS = ("sft", "grpo_a", "editor_lora", "vcmp", "distill")
+
 LOG_LEVELS = ("debug", "info", "warning")
 # Libraries whose INFO lines are for the log file, not the console.
 CHATTY = ("ray", "urllib3", "filelock", "alembic", "httpx", "PIL", "mlflow", "DeepSpeed", "deepspeed",
@@ -97,17 +100,21 @@ def setup(schema: Type[T], job: str, argv: Optional[Sequence[str]] = None,
     then create ``output``, write ``output/config.yaml`` and start the logs.
     An ``output`` at a URI (``s3://...``) gets its config there; its log file
     is kept in a local staging folder and copied there when the job ends."""
+    from aesformer import storage
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(schema, job, argv)
         if cfg.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got '{cfg.log_level}'")
+        if storage.is_uri(cfg.output) and job not in URI_OUTPUTS:
+            raise ConfigError(f"output='{cfg.output}': {job} writes its output to a local or shared folder only "
+                              f"(a URI works for {', '.join(URI_OUTPUTS)})")
         if check is not None:
             check(cfg)
     except ConfigError as e:
         fail(job, e)
-    from aesformer import storage
 
     storage.makedirs(cfg.output)
     cfg.output = storage.resolve(cfg.output)
