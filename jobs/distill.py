@@ -104,6 +104,7 @@ def run(cfg: DistillConfig) -> dict:
     source = check_config(cfg)
     out = cfg.output  # a local folder or a URI (s3://...)
     storage.makedirs(out)
+    storage.check_across_nodes(cfg, init_ray(cfg.ray))  # on several nodes: no SQLite tracking store
     tracker = Tracker.start(cfg, "distill")
     budget = Budget(cfg.budget.max_requests, cfg.budget.max_tokens)
     backends = Backends(budget, cfg.models.cache_dir, cfg.ray.worker_threads)

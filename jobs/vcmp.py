@@ -209,8 +209,11 @@ def run(cfg: VcmpConfig) -> dict:
 
     out = cfg.output  # a local folder or a URI (s3://...)
     pairs_dir = storage.join(out, "pairs")
-    tracker = Tracker.start(cfg, "vcmp")
     ray = init_ray(cfg.ray)
+    # on several nodes: no SQLite tracking store, and the videos where every node's workers read them
+    storage.check_across_nodes(cfg, ray)
+    storage.check_visible(cfg.input, ray, "input")
+    tracker = Tracker.start(cfg, "vcmp")
     state = RunState(out)
     t0 = time.perf_counter()
     with tracker.phase("ingest"):

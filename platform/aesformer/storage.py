@@ -90,6 +90,21 @@ def check_shared(folder: str, ray, key: str = "output") -> None:
             f"gs://..., hdfs://...) for {key}.")
 
 
+def check_visible(path: str, ray, key: str) -> None:
+    """Raise ConfigError unless every alive node sees the local ``path`` (an
+    input the workers read: a file or a folder). A URI or one node: nothing to check."""
+    if is_uri(path) or len(_alive_nodes(ray)) < 2:
+        return
+    local = str(Path(path).expanduser().resolve())
+    seen = on_every_node(ray, _sees, local)
+    blind = sorted(name for name, ok in seen.items() if not ok)
+    if blind:
+        raise ConfigError(
+            f"{key}='{path}' is on this node's disk only: node(s) {', '.join(blind)} of this {len(seen)}-node "
+            f"cluster do not see it, and their workers read it. Put it on a folder every node mounts or at a URI "
+            f"(s3://bucket/path, gs://..., hdfs://...).")
+
+
 def is_local_path(uri: Optional[str]) -> bool:
     return uri is None or not is_uri(uri)
 
