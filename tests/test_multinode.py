@@ -213,3 +213,15 @@ def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_s3(
     runs = client.search_runs([client.get_experiment_by_name("multinode-s3").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward_mean")] == [1, 2, 3]
+
+
+@pytest.mark.timeout(600)
+def test_vcmp_refuses_videos_only_the_head_has_before_any_work(cluster, tmp_path):
+    videos = tmp_path / "videos"  # /tmp: the worker nodes, whose workers decode the videos, do not see it
+    videos.mkdir()
+    out = cluster.shared / "vcmp-local-input"
+    proc = job(cluster, "jobs/vcmp.py", [f"input={videos}", f"output={out}", "tracking.enabled=false"], 300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"input='{videos}' is on this node's disk only: node(s) node_b, node_c" in proc.stderr
+    assert "s3://" in proc.stderr
+    assert not (out / "pairs").exists() and not (out / "state").exists()
