@@ -221,13 +221,21 @@ class FilterGoodImages:
     """IQA and aesthetic scorers plus the judge's blur/ghosting check."""
 
     def __init__(self, judge: str, engine: str, quality: Any, max_pixels: Optional[int] = None,
-                 batch_size: int = 16, num_gpus: float = 0.0, tensor_parallel: int = 1, shared: Optional[tuple] = None):
-        from aesformer.vcmp.quality import load_scorer
+                 batch_size: int = 16, num_gpus: float = 0.0, tensor_parallel: int = 1, shared: Optional[tuple] = None,
+                 cache_dir: Optional[str] = None):
+        from aesformer.scorers import ScorerUnavailable
+        from aesformer.vcmp.quality import quality_scorer
 
         self.cfg = quality
         device = _device(num_gpus)
-        self.iqa = load_scorer(quality.iqa, device, "quality.iqa")
-        self.aesthetic = load_scorer(quality.aesthetic, device, "quality.aesthetic")
+        # the scorers of evaluation (aesformer.scorers); one whose weights are absent is skipped
+        self.scorers, self.skipped = {}, {}
+        for key in ("iqa", "aesthetic"):
+            try:
+                self.scorers[key] = quality_scorer(getattr(quality, key), device, cache_dir, f"quality.{key}")
+            except ScorerUnavailable as e:
+                self.skipped[key] = str(e)
+                log.warning("quality filter: %s scorer skipped: %s", key, e)
         self.engine, self.digits = shared or load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
 
     def __call__(self, batch):
@@ -243,19 +251,24 @@ class FilterGoodImages:
                 items.append((p, _image(row, data["frames"][p["good"]]["image"])))
         if items:
             images = [im for _, im in items]
-            iqa, aes = self.iqa(images), self.aesthetic(images)
+            n = len(images)
+            # scores in [0, 1] (the thresholds' scale); a skipped scorer gives None
+            got = {k: (self.scorers[k].normalised(images) if k in self.scorers else [None] * n)
+                   for k in ("iqa", "aesthetic")}
             sharp = judge_probabilities(self.engine, "sharp", [[im] for im in images], self.digits)
             c = self.cfg
-            for (p, _), q, a, s in zip(items, iqa, aes, sharp):
-                p["scores"].update(iqa=round(float(q), 4), aesthetic=round(float(a), 4), sharp_vlm=round(float(s), 4))
-                if q < c.iqa_min:
+            said = lambda k, v: f"{k} skipped ({self.skipped[k]})" if v is None else f"{k} {v:.2f}"
+            for (p, _), q, a, s in zip(items, got["iqa"], got["aesthetic"], sharp):
+                p["scores"].update(iqa=None if q is None else round(float(q), 4),
+                                   aesthetic=None if a is None else round(float(a), 4), sharp_vlm=round(float(s), 4))
+                if q is not None and q < c.iqa_min:
                     _decide(p, "quality", False, f"iqa {q:.2f} < {c.iqa_min}")
-                elif a < c.aesthetic_min:
+                elif a is not None and a < c.aesthetic_min:
                     _decide(p, "quality", False, f"aesthetic {a:.2f} < {c.aesthetic_min}")
                 elif s < c.vlm_threshold:
                     _decide(p, "quality", False, f"vlm: P(sharp, no ghosting) {s:.2f} < {c.vlm_threshold}")
                 else:
-                    _decide(p, "quality", True, f"iqa {q:.2f}, aesthetic {a:.2f}, P(sharp) {s:.2f}")
+                    _decide(p, "quality", True, f"{said('iqa', q)}, {said('aesthetic', a)}, P(sharp) {s:.2f}")
         return [R.with_info(r, d) for r, d in zip(rows, datas)]
 
 
@@ -394,11 +407,11 @@ class MinePairs:
 
     def __init__(self, judge: str, editor: str, engine: str, good: Any, quality: Any, overlay: Any, align: Any,
                  max_pixels: Optional[int] = None, batch_size: int = 16, num_gpus: float = 0.0, seed: int = 0,
-                 image_format: str = "png", tensor_parallel: int = 1):
+                 image_format: str = "png", tensor_parallel: int = 1, cache_dir: Optional[str] = None):
         shared = load_judge(judge, engine, max_pixels, batch_size, num_gpus, tensor_parallel)
         kw = dict(judge=judge, engine=engine, max_pixels=max_pixels, batch_size=batch_size, num_gpus=num_gpus,
                   tensor_parallel=tensor_parallel, shared=shared)
-        self.stages = [JudgeGoodFrames(good=good, **kw), FilterGoodImages(quality=quality, **kw),
+        self.stages = [JudgeGoodFrames(good=good, **kw), FilterGoodImages(quality=quality, cache_dir=cache_dir, **kw),
                        RemoveOverlays(editor=editor, overlay=overlay, seed=seed, image_format=image_format, **kw),
                        CheckAlignment(align=align, **kw)]
 

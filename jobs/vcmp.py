@@ -94,6 +94,12 @@ def check_inputs(cfg: VcmpConfig) -> None:
         raise ConfigError("set input=<videos folder | list file | manifest>, e.g. input=runs/samples")
     if isinstance(cfg.input, str) and not Path(cfg.input).expanduser().exists():
         raise ConfigError(f"input='{cfg.input}' does not exist: pass a folder of videos, a list file or a manifest")
+    from aesformer.scorers import KINDS
+
+    for key in ("iqa", "aesthetic"):
+        kind = getattr(cfg.quality, key).kind
+        if kind not in KINDS:
+            raise ConfigError(f"quality.{key}.kind '{kind}' is not a scorer kind; kinds are {', '.join(KINDS)}")
 
 
 def ingest(cfg: VcmpConfig, state) -> tuple[list[dict], list[dict], int]:
@@ -168,9 +174,11 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
     if cfg.fuse_pair_stages:  # one process and one judge (models.judge) for the good-frame to align stages
         return dataset.map_batches(**pool(MinePairs, P.pairs, judge=judge, editor=editor, good=cfg.good_frame,
                                      quality=cfg.quality, overlay=cfg.overlay, align=cfg.align, seed=cfg.seed,
-                                     image_format=cfg.sample.image_format, **common))
+                                     image_format=cfg.sample.image_format, cache_dir=cfg.models.cache_dir,
+                                     **common))
     dataset = dataset.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=screener, good=cfg.good_frame, **screening))
-    dataset = dataset.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality, **common))
+    dataset = dataset.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality,
+                                         cache_dir=cfg.models.cache_dir, **common))
     dataset = dataset.map_batches(**pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay,
                                seed=cfg.seed, image_format=cfg.sample.image_format, **common))
     dataset = dataset.map_batches(**pool(CheckAlignment, P.align, judge=judge, align=cfg.align, **common))

@@ -124,7 +124,8 @@ def test_the_settings_the_release_differs_in_are_in_the_table():
                 "grpo_a:reward.prompts", "grpo_a:reward.judge_text", "grpo_a:reward.image_max_side",
                 "grpo_a:reward.max_model_len", "grpo_a:reward.format", "grpo_a:val_every", "grpo_a:val_prompts",
                 "grpo_a:rollout.min_pixels", "grpo_a:rollout.max_pixels", "editor_lora:weight_decay",
-                "reconstruct:editor.render", "vcmp:screen_vlm", "vcmp:quality.iqa", "vcmp:quality.aesthetic"):
+                "reconstruct:editor.render", "vcmp:screen_vlm", "vcmp:quality.iqa.model", "vcmp:quality.iqa.task",
+                "vcmp:quality.aesthetic.kind", "vcmp:quality.aesthetic.clip_weights"):
         assert key in keys, key
 
 

@@ -126,8 +126,11 @@ def reward_rise(steps: list[dict]) -> float:
 
 RISE = 0.08  # the bar both modes must clear over 30 steps
 # One step off policy may trail the synchronous rise by at most this: the
-# tiny runs are deterministic and measured 0.097 (sync) and 0.091 (async);
-# 0.02 is the bar's own margin under the synchronous rise.
+# tiny runs are deterministic and measured 0.097 (sync) and 0.091 (async)
+# with two updates a step and the symmetric clip; 0.02 is the bar's own
+# margin under that synchronous rise. (With four updates a step and the
+# released clip the synchronous rise is 0.124; the async one is not yet
+# measured against this slack.)
 ASYNC_SLACK = 0.02
 
 
@@ -142,18 +145,21 @@ def learning_runs(ray_session, small_data, sft_policy, tmp_path_factory):
 
     def get(mode: str):
         if mode not in done:
-            # 4 prompts x 5 samples a step, two optimizer steps; 48 tokens hold the
-            # first dimensions of a plan, so the reward is the alignment of those.
-            # rollout.async: step k+1 samples from the weights before step k's update.
-            # The clip is the symmetric 0.2 of the paper's objective without dual
-            # clip: this tiny run is deterministic, and with the released [0.8, 1.3]
-            # range and dual clip 3.0 its mean reward ends 0.077 above its start,
-            # just under the bar (0.097 with these); test_grpo.py checks every
-            # clipping branch by hand.
+            # 4 prompts x 5 samples a step, an optimizer step per prompt's group
+            # (four a step: mini-batches after the first are off policy, so the
+            # clip acts); 48 tokens hold the first dimensions of a plan, so the
+            # reward is the alignment of those. rollout.async: step k+1 samples
+            # from the weights before step k's update. The clipping is the job's
+            # default, the released training's ([0.8, 1.3], dual clip 3.0).
+            # With two mini-batches of two groups a step the synchronous mean
+            # rose only 0.077-0.085 (seeds 42, 1): the windows' means vary by
+            # ~0.02 from run to run, so that sat at the bar whatever the clip
+            # (the symmetric 0.2 clip, acting on at most 1.2% of the tokens,
+            # rose 0.097-0.118); four updates a step on the same samples rose
+            # 0.124 and 0.161 (seeds 42, 1) in the same time.
             cfg = config(tmp_path_factory.mktemp(f"learn-{mode}"), small_data, sft_policy, steps=30,
-                         checkpoint_every=0, prompts_per_step=4, **{
+                         checkpoint_every=0, prompts_per_step=4, prompts_per_update=1, **{
                              "rollout.max_tokens": 48, "learner.lr": "6e-4", "tracking.enabled": "true",
-                             "learner.clip_ratio_high": "0.2", "learner.dual_clip": "0",
                              "rollout.async": str(mode == "async").lower()})
             result = run(cfg)
             done[mode] = (cfg, result, steps_of(cfg.output))
@@ -162,7 +168,7 @@ def learning_runs(ray_session, small_data, sft_policy, tmp_path_factory):
     return get
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(learning_runs, mode):
     cfg, result, steps = learning_runs(mode)

@@ -17,12 +17,18 @@ Kinds:
   :class:`aesformer.vcmp.quality.TorchScriptScorer`);
 - ``laion`` — LAION aesthetic predictor v2: the L2-normalised CLIP image
   embedding (open_clip; ``clip`` is a model name such as ``ViT-L-14`` or a
-  JSON model config, ``clip_weights`` its checkpoint) through the released
-  MLP head (``weights``, a state dict with ``layers.{0,2,4,6,7}``);
-- ``qalign`` — Q-Align-style on any VLM (``model``): the expected quality
-  level over the five levels 1 (bad) … 5 (excellent), read from the
-  first-token log-probs of the digits "1".."5" with the same expectation
-  as the GRPO reward (:func:`aesformer.rewards.expected_score`);
+  JSON model config, ``clip_weights`` its checkpoint file or one of
+  open_clip's pretrained tags for that model, such as ``openai``, fetched
+  into the hub cache where the network allows) through the released MLP
+  head (``weights``, a state dict with ``layers.{0,2,4,6,7}``);
+- ``qalign`` — with ``trust_remote_code: true``, the released Q-Align
+  checkpoint (``model``, e.g. ``q-future/one-align``) run by its own code:
+  its ``score(images, task_=task, input_="image")`` gives the 1–5 score of
+  ``task`` (``quality`` for IQA, ``aesthetics``); without it, Q-Align-style
+  on any VLM: the expected quality level over the five levels 1 (bad) … 5
+  (excellent), read from the first-token log-probs of the digits "1".."5"
+  with the same expectation as the GRPO reward
+  (:func:`aesformer.rewards.expected_score`);
 - ``artimuse`` — an ArtiMuse scorer exported to TorchScript, by path, 0–100.
 """
 from __future__ import annotations
@@ -50,6 +56,9 @@ class ScorerSpec:
     quick_gelu: bool = True              # laion: OpenAI's CLIP uses QuickGELU
     model: Optional[str] = None          # qalign: the VLM (path, hub id or tiny:<name>)
     engine: str = "hf"                   # qalign: hf | vllm
+    trust_remote_code: bool = False      # qalign: the checkpoint's own code and score() (the released Q-Align)
+    task: str = "quality"                # qalign with its own code: quality | aesthetics
+    dtype: Optional[str] = None          # qalign with its own code (None: float16 on CUDA, float32 on CPU)
     max_pixels: Optional[int] = 200_704  # qalign: image pixels the VLM sees
     batch_size: int = 8
     device: str = "cpu"
@@ -109,6 +118,24 @@ def load_scorer(spec: ScorerSpec, cache_dir: Optional[str] = None) -> ImageScore
     raise ValueError(f"unknown scorer kind '{spec.kind}'; kinds are {', '.join(KINDS)}")
 
 
+def scorer_spec(value: Any, name: str = "") -> ScorerSpec:
+    """A :class:`ScorerSpec` from a spec, a mapping of its fields, or a name
+    (``classical:iqa``, ``classical:aesthetic`` or a TorchScript file path)."""
+    if isinstance(value, ScorerSpec):
+        return value
+    if isinstance(value, str):
+        kind = value if value in ("classical:iqa", "classical:aesthetic") else "torchscript"
+        return ScorerSpec(name=name or value, kind=kind, weights=None if kind != "torchscript" else value)
+    if isinstance(value, dict) or hasattr(value, "items"):
+        fields = dict(value.items())
+        unknown = sorted(set(fields) - set(ScorerSpec.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown scorer field(s) {', '.join(unknown)}; fields are "
+                             f"{', '.join(ScorerSpec.__dataclass_fields__)}")
+        return ScorerSpec(**{"name": name, **fields})
+    raise TypeError(f"a scorer is a name or a mapping of ScorerSpec fields, not {type(value).__name__}")
+
+
 def scorer_from_name(name: str, device: str = "cpu", config_key: str = "quality.<scorer>") -> ImageScorer:
     """VCMP's scorer names: ``classical:iqa``, ``classical:aesthetic`` or a
     TorchScript file path (a missing path names the config key to fix)."""
@@ -141,14 +168,20 @@ def aesthetic_head(dim: int = 768):
 def _clip_model(spec: ScorerSpec, name: str):
     import open_clip
 
-    weights = _need_file(spec.clip_weights, f"{name}: clip_weights")
     model_name = spec.clip
     if str(spec.clip).endswith(".json"):
         cfg_path = _need_file(spec.clip, f"{name}: clip")
         open_clip.add_model_config(cfg_path)  # registered under the file's stem
         model_name = cfg_path.stem
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=str(weights), force_quick_gelu=spec.quick_gelu, device=spec.device)
+    if spec.clip_weights and spec.clip_weights in open_clip.list_pretrained_tags_by_model(model_name):
+        weights = spec.clip_weights  # a pretrained tag: open_clip fetches it into the hub cache
+    else:
+        weights = str(_need_file(spec.clip_weights, f"{name}: clip_weights"))
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=weights, force_quick_gelu=spec.quick_gelu, device=spec.device)
+    except (OSError, RuntimeError) as e:  # a tag that cannot be fetched here
+        raise ScorerUnavailable(f"{name}: CLIP weights '{weights}' of {model_name} cannot be loaded: {e}") from None
     return model.eval(), preprocess
 
 
@@ -199,6 +232,8 @@ def _qalign(spec: ScorerSpec, name: str, cache_dir: Optional[str]) -> ImageScore
 
     if not spec.model:
         raise ScorerUnavailable(f"{name}: model is not set")
+    if spec.trust_remote_code:
+        return _qalign_own_code(spec, name, resolve_model(spec.model, cache_dir, f"{name}.model"))
     try:
         path = resolve_model(spec.model, cache_dir, f"{name}.model")
         options = dict(max_pixels=spec.max_pixels, batch_size=spec.batch_size) if spec.engine == "hf" else \
@@ -214,3 +249,39 @@ def _qalign(spec: ScorerSpec, name: str, cache_dir: Optional[str]) -> ImageScore
         return qalign_score(lp.numpy() if hasattr(lp, "numpy") else lp)
 
     return ImageScorer(name, fn, (1.0, 5.0), {"kind": "qalign", "model": spec.model, "engine": spec.engine})
+
+
+QALIGN_TASKS = ("quality", "aesthetics")
+
+
+def _qalign_own_code(spec: ScorerSpec, name: str, path: str) -> ImageScorer:
+    """The released Q-Align (an mPLUG-Owl2 checkpoint with its modelling
+    code) through its own ``score``: 1–5 for ``spec.task``."""
+    import torch
+
+    if spec.task not in QALIGN_TASKS:
+        raise ValueError(f"{name}: task '{spec.task}' is not one of {', '.join(QALIGN_TASKS)}")
+    dtype = spec.dtype or ("float16" if str(spec.device).startswith("cuda") else "float32")
+    try:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=getattr(torch, dtype))
+        model = model.to(spec.device).eval()
+    except Exception as e:  # absent weights, or modelling code this transformers cannot run
+        raise ScorerUnavailable(f"{name}: model '{spec.model}' cannot be loaded with its own code: "
+                                f"{type(e).__name__}: {e}") from None
+    if not callable(getattr(model, "score", None)):
+        raise ScorerUnavailable(f"{name}: model '{spec.model}' has no score() of its own: it is not a Q-Align "
+                                f"checkpoint (without trust_remote_code any VLM is read Q-Align-style)")
+
+    def fn(images):
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(images), spec.batch_size):
+                part = [im.convert("RGB") for im in images[i:i + spec.batch_size]]
+                got = model.score(part, task_=spec.task, input_="image")
+                out.append(torch.as_tensor(got).float().reshape(-1).cpu())
+        return torch.cat(out).numpy()
+
+    return ImageScorer(name, fn, (1.0, 5.0), {"kind": "qalign", "model": spec.model, "task": spec.task,
+                                              "own_code": True})

@@ -14,13 +14,16 @@ behind one interface, ``scorer(images) -> scores in [0, 1]``, chosen by name:
   for a LAION-style aesthetic predictor).
 
 The tiny profile uses the classical scorers, so thresholds act on
-meaningful numbers; real runs name exported models by path.
+meaningful numbers. VCMP's quality filter takes its scorers as
+:class:`aesformer.scorers.ScorerSpec` (:func:`quality_scorer`), the
+interface evaluation scores with, so the a40 profile's learned scorers
+(Q-Align, LAION aesthetic v2) are the same code in both.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -110,6 +113,26 @@ class TorchScriptScorer:
 
 
 CLASSICAL = {"classical:iqa": classical_iqa, "classical:aesthetic": classical_aesthetic}
+
+
+def quality_scorer(spec: Any, device: Optional[str] = None, cache_dir: Optional[str] = None,
+                   config_key: str = "quality.<scorer>"):
+    """The :class:`aesformer.scorers.ImageScorer` of VCMP's quality filter from
+    a spec (or a name, see :func:`aesformer.scorers.scorer_spec`); ``device``
+    (the pool's) replaces the spec's ``cpu`` default. Raises
+    :class:`aesformer.scorers.ScorerUnavailable` naming ``config_key`` when
+    its weights are absent."""
+    import dataclasses
+
+    from aesformer.scorers import ScorerUnavailable, load_scorer as build, scorer_spec
+
+    spec = scorer_spec(spec, name=config_key.rsplit(".", 1)[-1])
+    if device and spec.device == "cpu":
+        spec = dataclasses.replace(spec, device=device)
+    try:
+        return build(spec, cache_dir=cache_dir)
+    except ScorerUnavailable as e:
+        raise ScorerUnavailable(f"{config_key}: {e}") from None
 
 
 def load_scorer(name: str, device: str = "cpu", config_key: str = "quality.<scorer>") -> Scorer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from aesformer.scorers import ScorerSpec
 from aesformer.vcmp.ingest import DEFAULT_EXTENSIONS
 
 
@@ -133,9 +134,12 @@ class ImprovementConfig:
 
 @dataclass
 class QualityConfig:
-    # scorer names: "classical:iqa", "classical:aesthetic" or a path to a TorchScript regressor
-    iqa: str = "classical:iqa"
-    aesthetic: str = "classical:aesthetic"
+    # the two scorers, as evaluation's (aesformer.scorers.ScorerSpec: kind classical:iqa,
+    # classical:aesthetic, torchscript, laion, qalign, artimuse, with their weights); a scorer
+    # whose weights are absent is skipped, and every pair's decision says why
+    iqa: ScorerSpec = field(default_factory=lambda: ScorerSpec(name="iqa", kind="classical:iqa"))
+    aesthetic: ScorerSpec = field(default_factory=lambda: ScorerSpec(name="aesthetic", kind="classical:aesthetic"))
+    # thresholds on the scorers' scores mapped to [0, 1] from their scales (ImageScorer.normalised)
     iqa_min: float = 0.35
     aesthetic_min: float = 0.25
     # VLM "is this sharp, without blur or ghosting" (E[score]/5) at least this
