@@ -14,12 +14,15 @@ LoRA weights of a given step: a grid poor | edited | good, logged to MLflow.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 import pyarrow as pa
 
+from aesformer import storage
 from aesformer.cluster import use_worker_threads
 from aesformer.editor_cache import CACHE_SCHEMA, save_tensors
 
@@ -93,7 +96,7 @@ class ValidationRenderer:
         self.editor = Editor.load(editor_path, control_area=control_area, condition_area=condition_area,
                                   dtype=dtype, device=device, name=editor_name, offload=offload)
         self.editor.pipe.transformer.add_adapter(lora_config(lora["rank"], lora["alpha"], tuple(lora["targets"])))
-        self.pairs, self.out_dir = pairs, Path(out_dir)
+        self.pairs, self.out_dir = pairs, str(out_dir)  # a local folder or a URI
         # the pairs never change: decode them once, not at every render
         self.images = [(decode_image(p["poor_image"]), decode_image(p["good_image"])) for p in pairs]
         self.steps, self.cfg, self.negative, self.seed = steps, true_cfg_scale, negative_prompt, seed
@@ -106,20 +109,25 @@ class ValidationRenderer:
 
         set_peft_model_state_dict(self.editor.pipe.transformer, dict(lora_state))
         name = tag or f"step_{step:08d}"
-        folder = self.out_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for p, (poor, good) in zip(self.pairs, self.images):
-            edited = self.editor.edit(poor, edit_prompt(p["plan"]), seed=self.seed, steps=self.steps,
-                                      true_cfg_scale=self.cfg, negative_prompt=self.negative,
-                                      height=p["height"], width=p["width"])
-            edited.save(folder / f"{p['id']}.png")
-            rows.append((poor, edited, good))
-        grid_path = self.out_dir / f"{name}.png"
-        image_grid(rows).save(grid_path)
-        if self.tracker is not None:
-            self.tracker.log_artifact(grid_path, "validation")
-        return {"grid": str(grid_path), "images": str(folder), "step": step}
+        with tempfile.TemporaryDirectory(prefix="validation-") as tmp:
+            # rendered here, then put in place (a local folder or a URI)
+            folder = Path(tmp) / name
+            folder.mkdir()
+            rows = []
+            for p, (poor, good) in zip(self.pairs, self.images):
+                edited = self.editor.edit(poor, edit_prompt(p["plan"]), seed=self.seed, steps=self.steps,
+                                          true_cfg_scale=self.cfg, negative_prompt=self.negative,
+                                          height=p["height"], width=p["width"])
+                edited.save(folder / f"{p['id']}.png")
+                rows.append((poor, edited, good))
+            grid = Path(tmp) / f"{name}.png"
+            image_grid(rows).save(grid)
+            if self.tracker is not None:
+                self.tracker.log_artifact(grid, "validation")
+            images = storage.write_dir(storage.join(self.out_dir, name),
+                                       lambda d: shutil.copytree(folder, d, dirs_exist_ok=True))
+            grid_path = storage.write_bytes(storage.join(self.out_dir, f"{name}.png"), grid.read_bytes())
+        return {"grid": grid_path, "images": images, "step": step}
 
 
 def image_grid(rows: list[tuple], height: int = 160, pad: int = 4):

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -90,7 +91,10 @@ class LearnerWorker:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(conf)
-        model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=torch.float32)
+        from aesformer.storage import local_copy
+
+        local = local_copy(self.model_path)  # a folder at a URI: this node's copy
+        model = AutoModelForImageTextToText.from_pretrained(local, dtype=torch.float32)
         model.config.use_cache = False
         for name, p in model.named_parameters():
             if s["freeze_vision"] and is_vision_parameter(name):
@@ -99,7 +103,7 @@ class LearnerWorker:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = deepspeed_engine.initialize(model, conf)
         self.engine.train()
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.processor = AutoProcessor.from_pretrained(local)
         from aesformer.engines import banned_token_ids
 
         self.banned_ids = banned_token_ids(self.processor)
@@ -293,15 +297,25 @@ class LearnerWorker:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, directory: str, client_state: dict) -> bool:
-        from aesformer import deepspeed_engine
+        """Every rank writes its part; at a URI each rank uploads its own files."""
+        from aesformer import deepspeed_engine, storage
 
-        deepspeed_engine.save_checkpoint(self.engine, directory, client_state)
+        if not storage.is_uri(directory):
+            deepspeed_engine.save_checkpoint(self.engine, directory, client_state)
+            return True
+        with tempfile.TemporaryDirectory(prefix="learner-checkpoint-") as local:
+            deepspeed_engine.save_checkpoint(self.engine, local, client_state)
+            storage.upload(local, directory)
         return True
 
     def load(self, directory: str) -> dict:
-        from aesformer import deepspeed_engine
+        """A checkpoint at a URI is downloaded to this node first."""
+        from aesformer import deepspeed_engine, storage
 
-        return deepspeed_engine.load_checkpoint(self.engine, directory)
+        if not storage.is_uri(directory):
+            return deepspeed_engine.load_checkpoint(self.engine, directory)
+        with tempfile.TemporaryDirectory(prefix="learner-checkpoint-") as local:
+            return deepspeed_engine.load_checkpoint(self.engine, storage.download(directory, Path(local) / "c"))
 
     def export(self, directory: str) -> Optional[str]:
         """Write the policy as a transformers model folder (rank 0), with its processor."""
@@ -313,14 +327,14 @@ class LearnerWorker:
             if self.rank != 0:
                 return None
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        from aesformer.atomic import write_dir
+        from aesformer.storage import write_dir
 
         def save(tmp: Path) -> None:
             module.config.use_cache = True
             module.save_pretrained(str(tmp), state_dict=state)
             self.processor.save_pretrained(str(tmp))
 
-        return str(write_dir(Path(directory), save))
+        return write_dir(directory, save)  # a local folder or a URI
 
 
 class _GlooTransfer:

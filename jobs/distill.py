@@ -24,8 +24,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
+from aesformer import storage
 from aesformer.cluster import init_ray
 from aesformer.config import ConfigError, JobConfig
 from aesformer.distill.settings import (BudgetConfig, JUDGE_KINDS, TEACHER_KINDS, TeacherConfig, TranscriptConfig,
@@ -101,12 +102,13 @@ def run(cfg: DistillConfig) -> dict:
     from aesformer.models import resolve_model
 
     source = check_config(cfg)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.output  # a local folder or a URI (s3://...)
+    storage.makedirs(out)
+    storage.check_across_nodes(cfg, init_ray(cfg.ray))  # on several nodes: no SQLite tracking store
     tracker = Tracker.start(cfg, "distill")
     budget = Budget(cfg.budget.max_requests, cfg.budget.max_tokens)
     backends = Backends(budget, cfg.models.cache_dir, cfg.ray.worker_threads)
-    cache = PlanCache(out / "cache.sqlite")
+    cache = PlanCache(_plan_cache(out))
     asr = None
     try:
         init_ray(cfg.ray)
@@ -172,15 +174,15 @@ def run(cfg: DistillConfig) -> dict:
         with tracker.phase("write"):
             written = write_outputs(cfg, source, out, cache, keys, settings)
         summary = make_summary(cfg, source, out, cache, keys, total, budget, reused, seen, n_input, written)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=1))
         tracker.log_metrics({"distill/final_accepted": summary["accepted"], "distill/final_rejected":
                              sum(summary["rejected"].values()), "distill/pending": summary["pending"]})
-        tracker.log_artifact(out / "summary.json")
+        tracker.log_artifact(storage.join(out, "summary.json"))
         log.info("%d accepted, %s rejected, %s failed, %d pending; %d requests%s → %s",
                  summary["accepted"], dict(summary["rejected"]), dict(summary["failed"]), summary["pending"],
                  budget.requests, f" (stopped: {summary['stopped']})" if summary["stopped"] else "", out)
         tracker.close()
-        return {"output": str(out), "dataset": written["dataset"], "rejects": written["rejects_jsonl"],
+        return {"output": out, "dataset": written["dataset"], "rejects": written["rejects_jsonl"],
                 "attempts": written["attempts"], "summary": summary, "sft": written.get("sft")}
     except BaseException as error:
         tracker.close(error)
@@ -190,16 +192,35 @@ def run(cfg: DistillConfig) -> dict:
         if asr is not None:
             asr.shutdown()
         cache.close()
+        _keep_plan_cache(out)
+
+
+def _plan_cache(out: str) -> Path:
+    """The plan cache's SQLite file: under a local output; for an output at a
+    URI, in its local staging folder, fetched from the URI when this machine
+    lacks it (SQLite needs a local file)."""
+    if not storage.is_uri(out):
+        return Path(out) / "cache.sqlite"
+    local = storage.staging(out) / "cache.sqlite"
+    if not local.exists() and storage.exists(storage.join(out, "cache.sqlite")):
+        local.write_bytes(storage.read_bytes(storage.join(out, "cache.sqlite")))
+    return local
+
+
+def _keep_plan_cache(out: str) -> None:
+    """A copy of the plan cache beside an output at a URI, so a rerun from another machine pays nothing twice."""
+    if storage.is_uri(out) and (storage.staging(out) / "cache.sqlite").exists():
+        storage.write_bytes(storage.join(out, "cache.sqlite"), (storage.staging(out) / "cache.sqlite").read_bytes())
 
 
 # -- steps ------------------------------------------------------------------------------
 
-def _count_rows(folder: Path) -> int:
+def _count_rows(folder: Any) -> int:
     import pyarrow.parquet as pq
 
-    from aesformer.data import finished_shards
+    from aesformer.data import finished_shards, parquet_source
 
-    return sum(pq.ParquetFile(s).metadata.num_rows for s in finished_shards(folder))
+    return sum(pq.ParquetFile(**parquet_source(s)).metadata.num_rows for s in finished_shards(folder))
 
 
 def _attach_measurements(tasks, rows, cache, max_side, measure_many, content_hash, version) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aesformer.cluster import init_ray, use_worker_threads
-from aesformer import checkpoints, progress
+from aesformer import checkpoints, progress, storage
 from aesformer.progress import RemoteProgress
 from aesformer.config import JobConfig, parse_workers
 from aesformer.data import find_dataset, no_plans_error
@@ -48,7 +48,9 @@ log = logging.getLogger("editor_lora")
 
 @dataclass
 class CacheSettings:
-    # None: <models.cache_dir>/editor_cache (shared by runs; one sub-folder per encoder settings)
+    # None: <models.cache_dir>/editor_cache (shared by runs; one sub-folder per encoder
+    # settings) on one node; <output>/editor_cache on a cluster of several nodes, where the
+    # encoders and the training workers are on different disks. A folder or a URI.
     dir: Optional[str] = None
     pool_size: int = 1
     num_gpus: float = 0.0
@@ -135,7 +137,8 @@ def training_rows(data: str, split: Optional[str]) -> list[dict]:
 # ---------------------------------------------------------------------------
 # 1. Cache
 # ---------------------------------------------------------------------------
-def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str]) -> tuple[dict, dict, dict]:
+def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str],
+                nodes: int = 1) -> tuple[dict, dict, dict]:
     """Encode the pairs in ``ids`` that the cache lacks. Returns ({id: cache
     entry}, stats {pairs, hits, encoded, hit_rate}, the cache folder's settings)."""
     from ray.data import ActorPoolStrategy
@@ -148,7 +151,8 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
     settings = encoder_settings(editor_path, dtype=cfg.cache.dtype, control_area=cfg.control_area,
                                 condition_area=cfg.condition_area, target_area=cfg.target_area,
                                 aspects=cfg.aspects)
-    cache_dir = cfg.cache.dir or str(Path(cfg.models.cache_dir).expanduser() / "editor_cache")
+    cache_dir = cfg.cache.dir or (storage.join(cfg.output, "editor_cache") if nodes > 1
+                                  else str(Path(cfg.models.cache_dir).expanduser() / "editor_cache"))
     folder = settings_folder(cache_dir, settings)
     cols = ["id", "poor_image", "good_image", "plan"]
     # content keys: one streaming pass over the pairs (hashing is cheap next to encoding)
@@ -244,6 +248,8 @@ def train_loop(config: dict) -> None:
         resume_dir = ckpt.to_directory()
     elif config.get("resume_from"):
         resume_dir = config["resume_from"]
+        if storage.is_uri(resume_dir):  # this node's copy of a checkpoint at a URI
+            resume_dir = str(storage.download(resume_dir, Path(tempfile.mkdtemp(prefix="editor-resume-")) / "c"))
     if resume_dir:
         from safetensors.torch import load_file
 
@@ -413,22 +419,22 @@ def run(cfg: EditorLoraConfig) -> dict:
     from aesformer.actors.editor_actors import ValidationRenderer
     from aesformer.models import resolve_model
 
-    out = Path(cfg.output)
+    out = cfg.output  # a folder every node sees, or a URI (s3://...)
     with Tracker.start(cfg, "editor_lora") as tracker:
         with tracker.phase("ray_init"):
-            check_across_nodes(cfg, init_ray(cfg.ray))  # output shared by every node, no SQLite across nodes
+            nodes = check_across_nodes(cfg, init_ray(cfg.ray))  # output shared by every node, no SQLite across nodes
         editor_path = resolve_model(cfg.models.editor, cfg.models.cache_dir, "models.editor")
         data = str(find_dataset(cfg.data)) if cfg.data is not None else None
         if data is None:
             with tracker.phase("sample_data"):
-                data = str(sample_aesrecon(out / "sample_pairs", cfg.sample_pairs, cfg.seed, side=cfg.sample_size, job="editor_lora"))
+                data = str(sample_aesrecon(storage.join(out, "sample_pairs"), cfg.sample_pairs, cfg.seed, side=cfg.sample_size, job="editor_lora"))
         rows = training_rows(data, cfg.split)
         if not rows:
             raise no_plans_error(data, "data", cfg.split)
 
         # 1. cache
         with tracker.phase("cache"):
-            entries, stats, _ = build_cache(cfg, editor_path, data, {r["id"] for r in rows})
+            entries, stats, _ = build_cache(cfg, editor_path, data, {r["id"] for r in rows}, nodes)
         tracker.log_metrics({"cache/hit_rate": stats["hit_rate"], "cache/encoded": stats["encoded"]})
         train_entries = [entries[r["id"]] for r in rows if r["id"] in entries]
 
@@ -439,7 +445,7 @@ def run(cfg: EditorLoraConfig) -> dict:
         if val_pairs:
             renderer = ray.remote(ValidationRenderer).options(
                 num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus).remote(
-                editor_path, str(out / "validation"), val_pairs, control_area=cfg.control_area,
+                editor_path, storage.join(out, "validation"), val_pairs, control_area=cfg.control_area,
                 condition_area=cfg.condition_area, lora=lora, steps=cfg.validation.steps,
                 true_cfg_scale=cfg.validation.true_cfg_scale, negative_prompt=cfg.validation.negative_prompt,
                 seed=cfg.seed, device="cuda" if cfg.validation.num_gpus else "cpu", tracking=tracking,
@@ -447,8 +453,9 @@ def run(cfg: EditorLoraConfig) -> dict:
                 dtype=cfg.dtype if cfg.validation.num_gpus else "float32")
 
         # 2. train
-        storage = (out / "checkpoints").resolve()
-        found = checkpoints.resolve_resume(cfg.resume, storage, "*/checkpoint_*")
+        ckpt_root = storage.join(out, "checkpoints")
+        ray_store, reported = storage.ray_train_storage(ckpt_root)
+        found = checkpoints.resolve_resume(cfg.resume, ckpt_root, "*/checkpoint_*")
         resume_from = str(found[0]) if found else None
         if resume_from:
             log.info("resuming from %s", resume_from)
@@ -466,7 +473,7 @@ def run(cfg: EditorLoraConfig) -> dict:
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=parse_workers(cfg.num_workers), use_gpu=cfg.use_gpu),
             run_config=RunConfig(
-                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
+                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", **ray_store,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
         )
@@ -477,18 +484,22 @@ def run(cfg: EditorLoraConfig) -> dict:
             raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
 
         # 3. export
+        lora_dir = storage.join(out, "lora")
         with result.checkpoint.as_directory() as d:
             state = checkpoints.read_state(d)
-            lora_dir = out / "lora"
-            shutil.rmtree(lora_dir, ignore_errors=True)
-            shutil.copytree(Path(d) / "lora", lora_dir)
-        losses = state["losses"]
-        (lora_dir / "README.md").write_text(model_card(cfg, stats, len(train_entries), state["step"], losses))
-        (out / "losses.json").write_text(json.dumps(losses))
+            losses = state["losses"]
+
+            def export(tmp: Path) -> None:
+                shutil.copytree(Path(d) / "lora", tmp, dirs_exist_ok=True)
+                (tmp / "README.md").write_text(model_card(cfg, stats, len(train_entries), state["step"], losses))
+
+            storage.write_dir(lora_dir, export)
+        storage.write_text(storage.join(out, "losses.json"), json.dumps(losses))
         tracker.log_artifact(lora_dir, "lora")
         summary = {"lora": str(lora_dir), "steps": state["step"], "losses": losses, "cache": stats,
                    "seconds_per_step": state.get("step_seconds", 0.0) / max(1, state["step"]),
-                   "validation": str(out / "validation"), "data": data, "checkpoint": result.checkpoint.path,
+                   "validation": storage.join(out, "validation"), "data": data,
+                   "checkpoint": reported(result.checkpoint.path),
                    "val_pairs": [{k: p[k] for k in ("id", "width", "height")} for p in val_pairs]}
         if renderer is not None:
             ray.kill(renderer)

@@ -29,7 +29,6 @@ from __future__ import annotations
 if __package__ in (None, ""):
     import _prelude  # noqa: F401  (makes aesformer importable when run as a script)
 
-import json
 import logging
 import math
 import time
@@ -44,8 +43,7 @@ from aesformer.config import ConfigError, JobConfig
 from aesformer.job import run_job
 from aesformer.progress import DETAIL, Progress
 from aesformer.synth import sample_aesrecon
-from aesformer import checkpoints
-from aesformer.atomic import write_dir, write_json
+from aesformer import checkpoints, storage
 from aesformer.data import find_dataset, no_plans_error
 from aesformer.placement import STRATEGIES, PoolAsk, cluster_nodes, plan_table, shrink_cpus
 from aesformer.placement import plan as plan_pools
@@ -269,11 +267,13 @@ class Prompts:
     (min, max). Rows without a usable plan or photo are quarantined with the
     reason."""
 
-    def __init__(self, folder: Path, split: str, seed: int, instruction: str, quarantine: Path,
+    def __init__(self, folder: Any, split: str, seed: int, instruction: str, quarantine: Any,
                  pixels: tuple = (None, None)):
         from aesformer.data import read_table
 
         table = read_table(folder, columns=["id", "plan"], split=split)
+        if not isinstance(quarantine, storage.Appender):
+            quarantine = storage.Appender(quarantine)
         self.folder, self.seed, self.instruction, self.quarantine = folder, seed, instruction, quarantine
         self.pixels = pixels
         self.plans: dict[str, str] = {}
@@ -288,8 +288,7 @@ class Prompts:
         return len(self.ids)
 
     def _quarantine(self, rid: str, reason: str) -> None:
-        with open(self.quarantine, "a") as f:
-            f.write(json.dumps({"id": rid, "reason": reason}) + "\n")
+        self.quarantine.write({"id": rid, "reason": reason})
 
     def order(self, epoch: int) -> list[str]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
@@ -309,12 +308,11 @@ class Prompts:
         photo decoded once and scaled into ``pixels`` (aspect kept); the pools
         cap it again to their own ``max_pixels``."""
         import pyarrow.compute as pc
-        import pyarrow.dataset as pads
 
-        from aesformer.data import PairError, decode_image, finished_shards
+        from aesformer.data import PairError, decode_image, shard_dataset
         from aesformer.sft import fit_pixels
 
-        dataset = pads.dataset([str(p) for p in finished_shards(self.folder)], format="parquet")
+        dataset = shard_dataset(self.folder)
         table = dataset.to_table(columns=["id", "poor_image"], filter=pc.field("id").isin(list(set(ids))))
         images = dict(zip(table.column("id").to_pylist(), table.column("poor_image").to_pylist()))
         out = []
@@ -331,18 +329,19 @@ class Prompts:
 
 # -- the policy to start from ---------------------------------------------------------------
 
-def prepare_policy(path: str, out: Path) -> str:
+def prepare_policy(path: str, out: str) -> str:
     """The init policy, with the plan's tag tokens: returned as is when its
-    tokenizer has them, else a copy with them added (saved under ``out``)."""
+    tokenizer has them, else a copy with them added (saved under ``out``, a
+    folder or a URI every node reads)."""
     from transformers import AutoProcessor
 
     from aesformer.actions import SPECIAL_TOKENS
 
-    processor = AutoProcessor.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(storage.local_copy(path))
     vocab = processor.tokenizer.get_vocab()
     if all(t in vocab for t in SPECIAL_TOKENS):
         return path
-    if (out / "config.json").exists():
+    if storage.exists(storage.join(out, "config.json")):
         return str(out)
     from aesformer.models import add_plan_tokens, load_vlm
 
@@ -354,7 +353,7 @@ def prepare_policy(path: str, out: Path) -> str:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
 
-    return str(write_dir(out, save))
+    return storage.write_dir(out, save)
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -699,29 +698,29 @@ def run(cfg: GrpoAConfig) -> dict:
         print(plan_table(asks, placed))
         return {"plan": placed, "table": plan_table(asks, placed)}
     check_across_nodes(cfg, ray)  # an output every node sees, no SQLite tracking store across nodes
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    ckpt_root.mkdir(exist_ok=True)
+    out = cfg.output  # a folder every node sees, or a URI (s3://...)
+    ckpt_root = storage.join(out, "checkpoints")
+    storage.makedirs(ckpt_root)
 
     # data and models
     if cfg.data is None:
         if cfg.profile != "tiny":
             raise ConfigError("data= is required: the AesRecon folder to train on")
-        data = sample_aesrecon(out / "data", 12, cfg.seed, test_fraction=0.25, job="grpo_a")
+        data = sample_aesrecon(storage.join(out, "data"), 12, cfg.seed, test_fraction=0.25, job="grpo_a")
     else:
         data = find_dataset(cfg.data)
     instruction = thinker_instruction(cfg.instruction)
     pixels = (cfg.rollout.min_pixels, cfg.rollout.max_pixels)
-    train = Prompts(data, "train", cfg.seed, instruction, out / "quarantine.jsonl", pixels)
+    quarantine = storage.Appender(storage.join(out, "quarantine.jsonl"))
+    train = Prompts(data, "train", cfg.seed, instruction, quarantine, pixels)
     if not len(train):
         raise no_plans_error(data, "data", "train")
-    val = Prompts(data, "test", cfg.seed, instruction, out / "quarantine.jsonl", pixels)
+    val = Prompts(data, "test", cfg.seed, instruction, quarantine, pixels)
     policy_key = "init" if cfg.init else "models.thinker"
     policy = resolve_model(cfg.init or cfg.models.thinker, cfg.models.cache_dir, policy_key)
     judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
     require_models_on_nodes(ray, {policy_key: policy, "models.judge": judge})  # on every node, before loading
-    policy = prepare_policy(policy, out / "init_policy")
+    policy = prepare_policy(policy, storage.join(out, "init_policy"))
     steps_per_epoch = math.ceil(len(train) / cfg.prompts_per_step)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
 
@@ -742,11 +741,9 @@ def run(cfg: GrpoAConfig) -> dict:
         tracker = Tracker.start(cfg, "grpo_a")
     result: dict = {"output": str(out), "data": str(data), "init": policy, "restarts": 0, "resumed_from": None,
                     "placement": placed}
-    steps_path = out / "steps.jsonl"
-    if resume_dir is not None and steps_path.exists():  # drop steps after the checkpoint: they are redone
-        kept = [line for line in steps_path.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
-        steps_path.write_text("".join(line + "\n" for line in kept))
-    steps_log = open(steps_path, "a")
+    steps_log = storage.Appender(storage.join(out, "steps.jsonl"))
+    if resume_dir is not None:  # drop steps after the checkpoint: they are redone
+        steps_log.keep(lambda record: record["step"] <= state["step"])
     trainer = None
     try:
         trainer = Trainer(cfg, policy, judge)
@@ -837,8 +834,7 @@ def run(cfg: GrpoAConfig) -> dict:
             best = max(samples, key=lambda x: x["reward"])
             record = {"step": step, "prompt_ids": ids, **metrics, "weight_versions": versions,
                       "best_sample": best["text"][:2000]}
-            steps_log.write(json.dumps(record) + "\n")
-            steps_log.flush()
+            steps_log.write(record)
             eta = (time.perf_counter() - t_run) / (run_steps + 1) * (total_steps - step)
             log.info("step %d/%d reward %.3f format %.2f kl %.4f mismatch %.2e step %.1fs (eta %.0fs)", step,
                      total_steps, metrics["reward_mean"], metrics["format_rate"], metrics["kl"],
@@ -849,7 +845,7 @@ def run(cfg: GrpoAConfig) -> dict:
             stopping = cfg.stop_after is not None and run_steps >= cfg.stop_after
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps or stopping:
                 t = time.perf_counter()
-                folder = ckpt_root / f"step-{step:06d}"
+                folder = storage.join(ckpt_root, f"step-{step:06d}")
                 trainer.learner.get_all("save", str(folder), {"step": step})
                 checksum = trainer.learner.get_all("checksum")[0]
                 checkpoints.write_state(folder, {
@@ -866,17 +862,16 @@ def run(cfg: GrpoAConfig) -> dict:
         steps_bar.close()
         finished = last_step == total_steps
         if cfg.export_model and finished:
-            result["model"] = trainer.learner.get_all("export", str(out / "model"))[0]
+            result["model"] = trainer.learner.get_all("export", storage.join(out, "model"))[0]
         result.update(steps=run_steps, last_step=last_step, total_steps=total_steps,
                       metrics=last, finished=finished, restarts=sum(p.restarts for p in trainer.pools))
-        write_json(out / "result.json", {k: v for k, v in result.items()})
+        storage.write_json(storage.join(out, "result.json"), {k: v for k, v in result.items()})
         tracker.close()
         return result
     except BaseException as error:
         tracker.close(error)
         raise
     finally:
-        steps_log.close()
         if trainer is not None:
             trainer.shutdown()
 

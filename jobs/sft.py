@@ -33,7 +33,7 @@ from typing import Any, Optional
 import pyarrow.compute as pc
 
 from aesformer.cluster import init_ray
-from aesformer import checkpoints, progress
+from aesformer import checkpoints, progress, storage
 from aesformer.progress import RemoteProgress
 from aesformer.config import ConfigError, JobConfig, parse_workers
 from aesformer.data import no_plans_error
@@ -118,7 +118,6 @@ class SFTConfig(JobConfig):
 # The training loop: runs on every Ray Train worker.
 # ---------------------------------------------------------------------------
 def train_loop_per_worker(loop: dict) -> None:
-    import json
     import shutil
     import tempfile
 
@@ -158,7 +157,7 @@ def train_loop_per_worker(loop: dict) -> None:
     layout = sft.step_layout(loop["rows"], world, cfg.micro_batch, cfg.grad_accum, cfg.epochs)
     checkpoint = ray.train.get_checkpoint()  # after a worker failure, or this run's latest
     if checkpoint is None and loop["resume_from"]:
-        checkpoint = ray.train.Checkpoint.from_directory(loop["resume_from"])
+        checkpoint = ray.train.Checkpoint(*reversed(storage.filesystem(loop["resume_from"])))
     restored: Optional[dict] = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -209,8 +208,7 @@ def train_loop_per_worker(loop: dict) -> None:
                                    instruction=instruction, cutoff=cfg.cutoff, max_pixels=cfg.max_image_pixels)
     sample_log = None
     if cfg.sample_log:
-        Path(cfg.output, "sample_log").mkdir(parents=True, exist_ok=True)
-        sample_log = open(Path(cfg.output, "sample_log", f"rank{rank}.jsonl"), "a")
+        sample_log = storage.Appender(storage.join(cfg.output, "sample_log", f"rank{rank}.jsonl"))
 
     def all_sum(values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -287,8 +285,7 @@ def train_loop_per_worker(loop: dict) -> None:
         }
         tracker.log_metrics(metrics, step=step)
         if sample_log is not None:
-            sample_log.write(json.dumps({"step": step, "rank": rank, "ids": step_ids}) + "\n")
-            sample_log.flush()
+            sample_log.write({"step": step, "rank": rank, "ids": step_ids})
         if rank == 0:
             progress.report(loop.get("progress"), step, layout.total_steps, f"loss {metrics['train/loss']:.4f}")
         if rank == 0 and (step % max(1, cfg.log_every) == 0 or step == layout.total_steps):
@@ -338,7 +335,7 @@ def training_rows(cfg: SFTConfig) -> tuple[int, Optional[str]]:
     from aesformer.data import read_table
 
     split = cfg.split
-    table = read_table(Path(cfg.data).expanduser(), columns=["plan", "split"])
+    table = read_table(cfg.data, columns=["plan", "split"])  # found by _check: a local folder or a URI
     if split is not None and table.num_rows and table.column("split").null_count == table.num_rows:
         log.warning("no pair in %s has a split; training on all of them (set split=null to silence)", cfg.data)
         split = None
@@ -360,11 +357,11 @@ def training_dataset(cfg: SFTConfig, split: Optional[str]):
         # read once here, replay from the object store every epoch
         import ray.data
 
-        table = read_table(Path(cfg.data).expanduser(), columns=columns + ["split"], split=split)
+        table = read_table(cfg.data, columns=columns + ["split"], split=split)
         table = table.filter(pc.is_valid(table.column("plan"))).select(columns)
         base = ray.data.from_arrow(table)
     else:
-        base = read_ray(Path(cfg.data).expanduser(), split=split)
+        base = read_ray(cfg.data, split=split)
         base = base.filter(expr=col("plan").is_not_null()).select_columns(columns)
     epochs = [base.randomize_block_order(seed=cfg.seed + e) for e in range(cfg.epochs)]
     return epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
@@ -378,15 +375,16 @@ def choose_start(cfg: SFTConfig) -> tuple[str, Optional[str], Optional[dict]]:
     """
     from aesformer.deepspeed_engine import CHECKPOINT_TAG
 
-    root = Path(cfg.output) / "ray"
+    root = storage.join(cfg.output, "ray")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    fresh_name = cfg.run_name if not (root / cfg.run_name).exists() else f"{cfg.run_name}-{stamp}"
+    fresh_name = cfg.run_name if not storage.exists(storage.join(root, cfg.run_name)) else f"{cfg.run_name}-{stamp}"
     found = checkpoints.resolve_resume(cfg.resume, root, "*/*", required=CHECKPOINT_TAG)
     if found is None:
         return fresh_name, None, None
     folder, state = found
     # resume=auto continues the run it found; an explicit folder starts a new run name
-    return (folder.parent.name if cfg.resume == "auto" else f"{cfg.run_name}-{stamp}"), str(folder), state
+    run_name = storage.name(storage.parent(folder)) if cfg.resume == "auto" else f"{cfg.run_name}-{stamp}"
+    return run_name, str(folder), state
 
 
 def run(cfg: SFTConfig) -> dict:
@@ -412,7 +410,8 @@ def run(cfg: SFTConfig) -> dict:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         log.info("%d training rows; run '%s'%s", rows, run_name, f", resuming from {resume_from}" if resume_from else "")
 
-        final = Path(resume_from) if state and state.get("done") else None
+        final = resume_from if state and state.get("done") else None
+        ray_store, reported = storage.ray_train_storage(storage.join(cfg.output, "ray"))
         if final is None:
             steps = RemoteProgress("sft", unit="steps")
             trainer = TorchTrainer(
@@ -423,7 +422,7 @@ def run(cfg: SFTConfig) -> dict:
                                              resources_per_worker={"CPU": cfg.cpus_per_worker}),
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                 run_config=RunConfig(
-                    name=run_name, storage_path=str(Path(cfg.output) / "ray"),
+                    name=run_name, **ray_store,
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                     failure_config=FailureConfig(max_failures=cfg.max_failures)),
                 datasets={"train": training_dataset(cfg, split)},
@@ -434,7 +433,7 @@ def run(cfg: SFTConfig) -> dict:
                 result = trainer.fit()
             if result.checkpoint is None:
                 raise RuntimeError("training ended without a checkpoint")
-            final = Path(result.checkpoint.path)
+            final = reported(result.checkpoint.path)
         state = checkpoints.read_state(final) or {}
         out: dict = {"checkpoint": str(final), "step": state.get("step"), "total_steps": state.get("total_steps"),
                      "done": bool(state.get("done")), "counts": state.get("counts"), "rows": rows,
@@ -444,16 +443,16 @@ def run(cfg: SFTConfig) -> dict:
                              **{f"data/skipped_{r}": n for r, n in counts.skipped.items()}}, step=state.get("step"))
         if counts.cut or counts.skipped_total:
             log.info("samples cut at %d tokens: %d; skipped: %s", cfg.cutoff, counts.cut, counts.skipped)
-        tracker.log_artifact(final / checkpoints.STATE_FILE)
+        tracker.log_artifact(storage.join(final, checkpoints.STATE_FILE))
 
         if cfg.export and state.get("done"):
             with tracker.phase("export"):
                 export = ray.remote(num_cpus=1)(sft.export_model)
-                paths = ray.get(export.remote(model_path, str(final / sft.ADAPTER_DIR),
-                                              str(Path(cfg.output) / "export"), cfg.export_dtype))
+                paths = ray.get(export.remote(model_path, storage.join(final, sft.ADAPTER_DIR),
+                                              storage.join(cfg.output, "export"), cfg.export_dtype))
             out.update(paths)
             out["export"] = paths["merged"]
-            tracker.log_artifact(Path(paths["adapter"]) / "adapter_config.json", "adapter")
+            tracker.log_artifact(storage.join(paths["adapter"], "adapter_config.json"), "adapter")
             log.info("AesThinker-SFT exported to %s (adapter: %s)", paths["merged"], paths["adapter"])
         elif not state.get("done"):
             log.info("stopped at step %s of %s; rerun with resume=auto to continue", state.get("step"),

@@ -21,12 +21,13 @@ if __package__ in (None, ""):
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from aesformer.atomic import write_jsonl
+from aesformer import storage
 from aesformer.cluster import init_ray
 from aesformer.config import ConfigError, JobConfig
 from aesformer.job import run_job
@@ -216,10 +217,13 @@ def run(cfg: VcmpConfig) -> dict:
     from aesformer.vcmp.report import funnel, funnel_table
     from aesformer.vcmp.state import RunState
 
-    out = Path(cfg.output)
-    pairs_dir = out / "pairs"
-    tracker = Tracker.start(cfg, "vcmp")
+    out = cfg.output  # a local folder or a URI (s3://...)
+    pairs_dir = storage.join(out, "pairs")
     ray = init_ray(cfg.ray)
+    # on several nodes: no SQLite tracking store, and the videos where every node's workers read them
+    storage.check_across_nodes(cfg, ray)
+    storage.check_visible(cfg.input, ray, "input")
+    tracker = Tracker.start(cfg, "vcmp")
     state = RunState(out)
     t0 = time.perf_counter()
     with tracker.phase("ingest"):
@@ -250,7 +254,7 @@ def run(cfg: VcmpConfig) -> dict:
 
     # -- reports (over everything finished, this run and earlier ones) --
     with tracker.phase("report"):
-        table = read_table(pairs_dir, columns=["id", "split"]) if pairs_dir.exists() else None
+        table = read_table(pairs_dir, columns=["id", "split"]) if storage.exists(pairs_dir) else None
         n_pairs = 0 if table is None else table.num_rows
         splits = {} if table is None else {s: table.column("split").to_pylist().count(s) for s in ("train", "test")}
         all_rejects = state.rejects()
@@ -258,39 +262,47 @@ def run(cfg: VcmpConfig) -> dict:
         f = funnel(records, all_rejects, listed=len(records) + len(all_rejects), written_pairs=n_pairs, splits=splits)
         f["pipeline_wall_s"] = round(wall_pipeline, 3)
         f["stage_times"] = times
-        (out / "funnel.json").write_text(json.dumps(f, indent=1))
+        storage.write_text(storage.join(out, "funnel.json"), json.dumps(f, indent=1))
         text = funnel_table(f)
-        (out / "funnel.txt").write_text(text + "\n")
+        storage.write_text(storage.join(out, "funnel.txt"), text + "\n")
         _write_rejects(out, all_rejects)
         sheet = None
         if n_pairs:
-            sheet = contact_sheet(iter_pairs(pairs_dir), out / "contact_sheet.png", max_pairs=cfg.contact_sheet_pairs)
+            with tempfile.TemporaryDirectory(prefix="vcmp-sheet-") as tmp:
+                drawn = contact_sheet(iter_pairs(pairs_dir), Path(tmp) / "contact_sheet.png",
+                                      max_pairs=cfg.contact_sheet_pairs)
+                sheet = storage.write_bytes(storage.join(out, "contact_sheet.png"), drawn.read_bytes())
         log.info("funnel: %s", text.strip().splitlines()[0] if text.strip() else "empty")
         log.info("funnel:\n%s", text, extra=DETAIL)
     tracker.log_metrics({"videos": f["videos"], "tutorials": f["tutorials"], "pairs": n_pairs,
                          "rejects": len(all_rejects), "vlm_fraction": f["vlm_fraction"],
                          "pipeline_wall_s": wall_pipeline})
-    for p in (out / "funnel.json", out / "funnel.txt", out / "rejects.jsonl"):
-        tracker.log_artifact(p)
+    for name in ("funnel.json", "funnel.txt", "rejects.jsonl"):
+        tracker.log_artifact(storage.join(out, name))
     if sheet:
         tracker.log_artifact(sheet)
     tracker.close()
-    return {"output": str(out), "pairs_dir": str(pairs_dir), "dataset": str(pairs_dir), "pairs": n_pairs,
+    return {"output": out, "pairs_dir": pairs_dir, "dataset": pairs_dir, "pairs": n_pairs,
             "new_videos": len(videos),
             "finished_videos": recorder.finished, "rejects": all_rejects, "funnel": f, "funnel_table": text,
             "contact_sheet": None if sheet is None else str(sheet), "wall_s": round(time.perf_counter() - t0, 3),
             "pipeline_wall_s": round(wall_pipeline, 3), "stage_times": times}
 
 
-def _write_rejects(out: Path, rejects: list[dict]) -> None:
+def _write_rejects(out: str, rejects: list[dict]) -> None:
     """The rejects table as JSON lines and Parquet (one row per broken file)."""
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    write_jsonl(out / "rejects.jsonl", rejects)
+    storage.write_text(storage.join(out, "rejects.jsonl"),
+                       "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects))
     schema = pa.schema([(k, pa.string()) for k in ("video_id", "path", "stage", "reason", "detail")])
+    buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rejects], schema=schema),
-                   out / "rejects.parquet")
+                   buffer)
+    storage.write_bytes(storage.join(out, "rejects.parquet"), buffer.getvalue())
 
 
 def main(argv=None) -> dict:

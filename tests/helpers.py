@@ -192,8 +192,10 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180
 
 @contextlib.contextmanager
 def s3_server(folder: Path, bucket: str = "aesformer") -> Iterator[dict]:
-    """moto's S3 server on 127.0.0.1 with one bucket; yields the environment
-    a client needs (credentials and endpoint in environment variables)."""
+    """moto's S3 server on 127.0.0.1 with one bucket (tests/s3_endpoint.py);
+    yields the environment a client needs (credentials and endpoint in
+    environment variables, as boto3, pyarrow and MLflow read them), the
+    bucket and the endpoint."""
     import signal
 
     port = free_port()
@@ -201,7 +203,7 @@ def s3_server(folder: Path, bucket: str = "aesformer") -> Iterator[dict]:
            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     log_path = folder / "moto.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+        proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "s3_endpoint.py"), str(port)], stdout=log,
                                 stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
         try:
             _wait_http(f"http://127.0.0.1:{port}/", proc, log_path)

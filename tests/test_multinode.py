@@ -2,10 +2,14 @@
 without GPUs that runs the driver, and worker nodes node_b and node_c, each
 in its own mount namespace with a private /tmp (cluster/local_cluster.py).
 A folder outside /tmp (the cluster's ``shared``) stands for a shared
-filesystem. One cluster for the module; every process has a timeout."""
+filesystem, and a real S3 endpoint on 127.0.0.1 (moto's server) for object
+storage: every node gets its credentials and endpoint in its environment, and
+a cache of its own in its private /tmp for the models it copies from S3.
+One cluster for the module; every process has a timeout."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -21,8 +25,17 @@ if not _ok:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = lc.LocalCluster({"node_b": {"num_cpus": 4}, "node_c": {"num_cpus": 4}}, head_cpus=1)
+def s3(tmp_path_factory):
+    """The S3 endpoint, started before the cluster so every node's environment names it."""
+    folder = tmp_path_factory.mktemp("s3")
+    with s3_server(folder) as server:
+        yield {**server, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    env = {**os.environ, **s3["env"], "AESFORMER_MODEL_CACHE": f"/tmp/aesf-model-cache-{os.getpid()}"}
+    c = lc.LocalCluster({"node_b": {"num_cpus": 4}, "node_c": {"num_cpus": 4}}, head_cpus=1, env=env)
     t0 = time.time()
     c.start(timeout=600)
     c.started_in = time.time() - t0
@@ -32,13 +45,11 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
+def tracking(s3):
     """An MLflow tracking server on the head: SQLite on the head's disk,
-    artifacts on a real S3 endpoint (moto's server)."""
-    folder = tmp_path_factory.mktemp("tracking")
-    with s3_server(folder) as s3:
-        with mlflow_server(folder, f"s3://{s3['bucket']}/mlflow", s3["env"]) as uri:
-            yield {"uri": uri, **s3}
+    artifacts on the S3 endpoint."""
+    with mlflow_server(s3["folder"], f"s3://{s3['bucket']}/mlflow", s3["env"]) as uri:
+        yield {"uri": uri, **s3}
 
 
 def job(cluster, script, args, timeout):
@@ -151,3 +162,66 @@ def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_a_s
                                            aws_secret_access_key="testing", region_name="us-east-1")
             .list_objects_v2(Bucket=tracking["bucket"]).get("Contents", [])]
     assert any(k.startswith("mlflow/") and k.endswith("config.yaml") for k in keys)
+
+
+def s3_keys(s3, prefix: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3["bucket"], Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.mark.timeout(1800)
+def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_s3(cluster, tracking, monkeypatch):
+    out = f"s3://{tracking['bucket']}/grpo-s3"
+    common = ["profile=tiny", f"output={out}", f"tracking.uri={tracking['uri']}", "tracking.experiment=multinode-s3",
+              "steps=3", "val_every=0"] + PINNED
+    t0 = time.time()
+    first = job(cluster, "jobs/grpo_a.py", common + ["stop_after=2"], 900)
+    assert first.returncode == 0, first.stderr[-5000:]
+    keys = s3_keys(tracking, "grpo-s3/")
+    assert "grpo-s3/checkpoints/step-000002/trainer_state.json" in keys
+    # both learner ranks (on node_b) uploaded their ZeRO-3 partitions
+    assert sum("step-000002/" in k and "zero_pp_rank_" in k for k in keys) >= 4, keys
+    second = job(cluster, "jobs/grpo_a.py", common + ["resume=auto"], 900)
+    assert second.returncode == 0, second.stderr[-5000:]
+    print(f"two GRPO-A runs on the cluster, output on S3: {time.time() - t0:.0f}s")
+
+    from aesformer import storage
+
+    for k, v in tracking["env"].items():  # this process reads the results back from S3
+        monkeypatch.setenv(k, v)
+    result = storage.read_json(f"{out}/result.json")
+    assert result["finished"] and result["last_step"] == 3
+    assert result["resumed_from"] == f"{out}/checkpoints/step-000002"
+    assert result["placement"]["learner"] == {"strategy": "STRICT_PACK", "nodes": ["node_b", "node_b"]}
+    assert [json.loads(x)["step"] for x in storage.read_text(f"{out}/steps.jsonl").splitlines()] == [1, 2, 3]
+    assert storage.listdir(f"{out}/checkpoints") == ["step-000002", "step-000003"]
+    assert storage.exists(f"{out}/model/config.json") and storage.exists(f"{out}/logs/grpo_a.log")
+    # the policy with the plan tokens went to S3 once; each worker node loaded it from its own cache,
+    # the head (driver) never copied it
+    cache = cluster.env["AESFORMER_MODEL_CACHE"]
+    for node in ("node_b", "node_c"):
+        listing = cluster.in_node(node, ["ls", cache]).stdout.split()
+        assert any(name.startswith("init_policy-") for name in listing), (node, listing)
+    assert not os.path.exists(cache)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("multinode-s3").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward_mean")] == [1, 2, 3]
+
+
+@pytest.mark.timeout(600)
+def test_vcmp_refuses_videos_only_the_head_has_before_any_work(cluster, tmp_path):
+    videos = tmp_path / "videos"  # /tmp: the worker nodes, whose workers decode the videos, do not see it
+    videos.mkdir()
+    out = cluster.shared / "vcmp-local-input"
+    proc = job(cluster, "jobs/vcmp.py", [f"input={videos}", f"output={out}", "tracking.enabled=false"], 300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"input='{videos}' is on this node's disk only: node(s) node_b, node_c" in proc.stderr
+    assert "s3://" in proc.stderr
+    assert not (out / "pairs").exists() and not (out / "state").exists()

@@ -9,33 +9,40 @@ same in every training job:
   the job's output, or start fresh when there is none;
 - ``never``: start fresh;
 - a path: continue from that checkpoint folder.
+
+The root may be a local folder or a URI (``s3://...``, see
+:mod:`aesformer.storage`); a checkpoint found at a URI is named by its URI
+(a string), a local one by its Path.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
-from aesformer.atomic import write_json
+from aesformer import storage
 from aesformer.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
 RESUME_MODES = ("auto", "never")
 
-Checkpoint = tuple[Path, dict]
+Checkpoint = tuple[Union[Path, str], dict]
 
 
-def write_state(folder: str | os.PathLike, state: dict) -> Path:
+def _folder(location: str | os.PathLike) -> Union[Path, str]:
+    return str(location) if storage.is_uri(location) else Path(location)
+
+
+def write_state(folder: str | os.PathLike, state: dict) -> Union[Path, str]:
     """Write the state file, which marks the folder complete."""
-    return write_json(Path(folder) / STATE_FILE, dict(state), sort_keys=True)
+    return _folder(storage.write_json(storage.join(folder, STATE_FILE), dict(state), sort_keys=True))
 
 
 def read_state(folder: str | os.PathLike) -> Optional[dict]:
     """The folder's state, or None when it is not a complete checkpoint."""
     try:
-        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        state = json.loads(storage.read_text(storage.join(folder, STATE_FILE)))
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
@@ -46,14 +53,13 @@ def find(root: str | os.PathLike, pattern: str, required: Optional[str] = None) 
     (a glob relative to root), oldest first by step, then by when written.
     ``required`` names an entry a folder must also hold to count."""
     found = []
-    root = Path(root)
-    if root.is_dir():
-        for folder in root.glob(pattern):
+    if storage.is_dir(root):
+        for folder in storage.glob(root, pattern):
             state = read_state(folder)
-            if state is None or (required and not (folder / required).exists()):
+            if state is None or (required and not storage.exists(storage.join(folder, required))):
                 continue
-            written = state.get("written_at") or (folder / STATE_FILE).stat().st_mtime
-            found.append((folder, state, written))
+            written = state.get("written_at") or storage.mtime(storage.join(folder, STATE_FILE))
+            found.append((_folder(folder), state, written))
     found.sort(key=lambda item: (item[1].get("step", 0), item[2]))
     return [(folder, state) for folder, state, _ in found]
 
@@ -63,12 +69,12 @@ def newest(root: str | os.PathLike, pattern: str, required: Optional[str] = None
     return found[-1] if found else None
 
 
-def prune(root: str | os.PathLike, pattern: str, keep: int) -> list[Path]:
+def prune(root: str | os.PathLike, pattern: str, keep: int) -> list[Union[Path, str]]:
     """Remove all but the ``keep`` newest complete checkpoints; returns what went."""
     found = find(root, pattern)
     gone = [folder for folder, _ in (found[:-keep] if keep > 0 else [])]
     for folder in gone:
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.remove(folder)
     return gone
 
 
@@ -76,9 +82,9 @@ def check_resume(value: str, where: str = "resume") -> None:
     """Reject a ``resume`` value that is neither a mode nor a checkpoint folder."""
     if value in RESUME_MODES:
         return
-    if not value or not Path(value).expanduser().is_dir():
+    if not value or not storage.is_dir(value):
         raise ConfigError(f"{where} must be auto, never or a checkpoint folder; '{value}' is none of these")
-    if read_state(Path(value).expanduser()) is None:
+    if read_state(storage.resolve(value)) is None:
         raise ConfigError(f"{where}={value}: not a checkpoint of this job (it has no readable {STATE_FILE}); "
                           "use resume=auto, resume=never or one of the job's checkpoint folders")
 
@@ -91,5 +97,5 @@ def resolve_resume(value: str, root: str | os.PathLike, pattern: str,
         return None
     if value == "auto":
         return newest(root, pattern, required)
-    folder = Path(value).expanduser().resolve()
+    folder = _folder(storage.resolve(value))
     return folder, read_state(folder)

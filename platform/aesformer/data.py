@@ -294,12 +294,37 @@ def check_row(row: Mapping, schema: pa.Schema = PAIR_SCHEMA) -> dict:
 
 # -- shards -------------------------------------------------------------------------------
 
-def finished_shards(folder: PathLike) -> list[Path]:
-    """The finished shard files of a folder, sorted (temporaries never match)."""
+def finished_shards(folder: PathLike) -> list[Any]:
+    """The finished shard files of a folder, sorted (temporaries never match):
+    Paths for a local folder, URIs (strings) for a folder at a URI."""
+    from aesformer import storage
+
+    if storage.is_uri(folder):
+        return [storage.join(folder, n) for n in storage.listdir(folder) if SHARD_RE.match(n)]
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and SHARD_RE.match(p.name))
+
+
+def parquet_source(shard: Any) -> dict:
+    """Keyword arguments that open ``shard`` (a path or a URI) with pyarrow's
+    Parquet readers: ``{"source": path, "filesystem": fs}``."""
+    from aesformer import storage
+
+    if not storage.is_uri(shard):
+        return {"source": str(shard), "filesystem": None}
+    fs, path = storage.filesystem(shard)
+    return {"source": path, "filesystem": fs}
+
+
+def shard_dataset(folder: PathLike) -> Any:
+    """A pyarrow dataset over a folder's finished shards (local or at a URI)."""
+    import pyarrow.dataset as pads
+
+    shards = [parquet_source(s) for s in finished_shards(folder)]
+    return pads.dataset([s["source"] for s in shards], format="parquet",
+                        filesystem=shards[0]["filesystem"] if shards else None)
 
 
 def find_dataset(value: Optional[PathLike], key: str = "data") -> Path:
@@ -308,8 +333,17 @@ def find_dataset(value: Optional[PathLike], key: str = "data") -> Path:
     naming the folder to pass instead when neither holds pair shards."""
     from aesformer.config import ConfigError
 
+    from aesformer import storage
+
     if not value:
         raise ConfigError(f"{key}= is required: an AesRecon dataset folder, e.g. {key}=runs/distill/pairs")
+    if storage.is_uri(value):
+        for candidate in (str(value).rstrip("/"), storage.join(value, "pairs")):
+            if finished_shards(candidate):
+                return candidate
+        if not storage.exists(value):
+            raise ConfigError(f"{key}='{value}' does not exist")
+        raise ConfigError(f"{key}='{value}' holds no AesRecon pair shards (part-*.parquet), nor does its pairs/ folder")
     folder = Path(value).expanduser()
     for candidate in (folder, folder / "pairs"):
         if finished_shards(candidate):
@@ -337,7 +371,8 @@ def check_schema(path: PathLike, schema: pa.Schema = PAIR_SCHEMA) -> None:
     """Raise PairError naming the file and field when a Parquet file's schema
     differs from ``schema`` (a missing, extra or differently typed field)."""
     try:
-        got = pq.read_schema(path)
+        src = parquet_source(path)
+        got = pq.read_schema(src["source"], filesystem=src["filesystem"])
     except Exception as exc:
         raise PairError(f"not a readable Parquet file ({exc})", file=path) from exc
     for f in schema:
@@ -383,26 +418,29 @@ class ShardWriter:
             raise ValueError("shard_rows must be at least 1")
         if not prefix or prefix[0] in "._" or "/" in prefix:
             raise ValueError(f"bad shard prefix {prefix!r}")
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        from aesformer import storage
+
+        self.uri = storage.is_uri(folder)  # at a URI each shard is one object, whole once written
+        self.folder = str(folder).rstrip("/") if self.uri else Path(folder)
+        storage.makedirs(self.folder)
         self.schema, self.shard_rows, self.prefix, self.id_field = schema, shard_rows, prefix, id_field
         self.row_group_rows, self.compression = row_group_rows, compression
-        for tmp in self.folder.glob(f".{prefix}-*.parquet.tmp"):
+        for tmp in ([] if self.uri else self.folder.glob(f".{prefix}-*.parquet.tmp")):
             log.warning("removing unfinished shard %s left by an earlier run", tmp)
             tmp.unlink(missing_ok=True)
         self.done_ids: set[str] = set()
         next_index = 0
         for shard in finished_shards(self.folder):
             check_schema(shard, schema)
-            self.done_ids.update(pq.read_table(shard, columns=[id_field]).column(id_field).to_pylist())
-            m = SHARD_RE.match(shard.name)
+            self.done_ids.update(pq.read_table(**parquet_source(shard), columns=[id_field]).column(id_field).to_pylist())
+            m = SHARD_RE.match(storage.name(shard))
             if m and m.group("prefix") == prefix:
                 next_index = max(next_index, int(m.group("index")) + 1)
         self.next_index = next_index
         self.resumed = len(self.done_ids)
         self.written = 0  # rows written by this writer
         self.skipped = 0  # rows skipped because their id was already done
-        self.shards: list[Path] = []  # shards written by this writer
+        self.shards: list = []  # shards written by this writer
         self._buffer: list[dict] = []
         self._pending: set[str] = set()
 
@@ -430,13 +468,21 @@ class ShardWriter:
         if not self._buffer:
             return None
         name = f"{self.prefix}-{self.next_index:05d}.parquet"
-        final, tmp = self.folder / name, self.folder / f".{name}.tmp"
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-        pq.write_table(table, tmp, row_group_size=self.row_group_rows, compression=self.compression)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.folder)
+        if self.uri:
+            from aesformer import storage
+
+            final = storage.join(self.folder, name)
+            fs, path = storage.filesystem(final)
+            with fs.open_output_stream(path) as out:
+                pq.write_table(table, out, row_group_size=self.row_group_rows, compression=self.compression)
+        else:
+            final, tmp = self.folder / name, self.folder / f".{name}.tmp"
+            pq.write_table(table, tmp, row_group_size=self.row_group_rows, compression=self.compression)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.folder)
         self.next_index += 1
         self.written += len(self._buffer)
         self.done_ids |= self._pending
@@ -470,7 +516,9 @@ def iter_pairs(folder: PathLike, columns: Optional[Sequence[str]] = None, split:
     if split is not None and cols is not None and "split" not in cols:
         read_cols = cols + ["split"]
     for shard in _shards_checked(folder, schema):
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=read_cols):
+        src = parquet_source(shard)
+        for batch in pq.ParquetFile(src["source"], filesystem=src["filesystem"]).iter_batches(
+                batch_size=batch_rows, columns=read_cols):
             for row in batch.to_pylist():
                 if split is not None and row.get("split") != split:
                     continue
@@ -483,7 +531,8 @@ def read_table(folder: PathLike, columns: Optional[Sequence[str]] = None, split:
     tables = []
     for shard in _shards_checked(folder, schema):
         filters = [("split", "==", split)] if split is not None else None
-        tables.append(pq.read_table(shard, columns=None if columns is None else list(columns), filters=filters))
+        tables.append(pq.read_table(**parquet_source(shard), columns=None if columns is None else list(columns),
+                                    filters=filters))
     if not tables:
         fields = schema if columns is None else pa.schema([schema.field(c) for c in columns])
         return fields.empty_table()

@@ -217,6 +217,11 @@ class Editor:
         """
         from diffusers import QwenImageEditPlusPipeline
 
+        from aesformer.storage import is_uri, local_copy
+
+        name = name or str(path)
+        if is_uri(path):  # a folder at a URI: this node's copy
+            path = local_copy(path)
         local = Path(path).expanduser()
         looks_local = str(path).startswith((".", "/", "~")) or str(path).count("/") != 1
         if not local.exists() and looks_local:
@@ -230,7 +235,7 @@ class Editor:
         else:
             pipe.to(dev)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, name=name or str(path), control_area=control_area,
+        return cls(pipe, name=name, control_area=control_area,
                    condition_area=condition_area, lora=lora)
 
     @property
@@ -247,7 +252,11 @@ class Editor:
 
     def load_lora(self, path: str, adapter_name: str = "aesformer") -> None:
         """Load a LoRA exported by :func:`save_lora`; a LoRA made for another
-        base fails here with both names."""
+        base fails here with both names. ``path`` may be at a URI."""
+        from aesformer.storage import is_uri, local_copy
+
+        if is_uri(path):
+            path = local_copy(path)
         folder = Path(path).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"LoRA '{path}' does not exist")

@@ -68,13 +68,16 @@ def encoder_settings(editor_path: str, *, dtype: str, control_area: int, conditi
     }
 
 
-def settings_folder(cache_dir: str, settings: Mapping) -> Path:
+def settings_folder(cache_dir: str, settings: Mapping) -> Any:
+    """The cache's folder for these settings (a Path, or a URI for a cache at a URI)."""
+    from aesformer import storage
+
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir).expanduser() / digest
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = folder / "settings.json"
-    if not meta.exists():
-        meta.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    folder = storage.join(cache_dir, digest) if storage.is_uri(cache_dir) else Path(cache_dir).expanduser() / digest
+    storage.makedirs(folder)
+    meta = storage.join(folder, "settings.json")
+    if not storage.exists(meta):
+        storage.write_text(meta, json.dumps(settings, indent=2, sort_keys=True))
     return folder
 
 
@@ -82,12 +85,12 @@ def cache_index(folder: Path) -> dict[str, dict]:
     """key → {shard, row, sizes} over the finished shards of a cache folder."""
     import pyarrow.parquet as pq
 
-    from aesformer.data import finished_shards
+    from aesformer.data import finished_shards, parquet_source
 
     index: dict[str, dict] = {}
     cols = ["key", "id", "target_w", "target_h", "control_w", "control_h", "prompt_len"]
     for shard in finished_shards(folder):
-        for i, row in enumerate(pq.read_table(shard, columns=cols).to_pylist()):
+        for i, row in enumerate(pq.read_table(**parquet_source(shard), columns=cols).to_pylist()):
             index[row["key"]] = {**row, "shard": str(shard), "row": i}
     return index
 
@@ -147,9 +150,11 @@ class CacheReader:
     def tensors(self, entry: dict) -> dict:
         import pyarrow.parquet as pq
 
+        from aesformer.data import parquet_source
+
         f = self._files.get(entry["shard"])
-        if f is None:
-            f = self._files[entry["shard"]] = pq.ParquetFile(entry["shard"])
+        if f is None:  # a local file or one at a URI
+            f = self._files[entry["shard"]] = pq.ParquetFile(**parquet_source(entry["shard"]))
         blob = f.read_row_group(entry["row"], columns=["tensors"]).column("tensors")[0].as_py()
         return load_tensors(blob)
 

@@ -350,7 +350,9 @@ class HFEngine:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-        self.model_path = str(model_path)
+        from aesformer.storage import local_copy
+
+        self.model_path = local_copy(model_path) if model is None or processor is None else str(model_path)
         self.device = torch.device(device)
         self.max_pixels = max_pixels
         self.batch_size = max(1, int(batch_size))
@@ -568,7 +570,9 @@ class VLLMEngine:
         from transformers import AutoProcessor
         from vllm import LLM
 
-        self.model_path = str(model_path)
+        from aesformer.storage import local_copy
+
+        self.model_path = local_copy(model_path)  # a folder at a URI: this node's copy
         self.max_pixels = max_pixels
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.banned_ids = banned_token_ids(self.processor)

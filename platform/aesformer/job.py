@@ -27,6 +27,9 @@ from aesformer.config import ConfigError, JobConfig, load_config, to_yaml
 
 T = TypeVar("T", bound=JobConfig)
 
+# Jobs whose output may be a URI of a pyarrow filesystem (s3://, gs://, hdfs://)
+URI_OUTPUTS = ("sft", "grpo_a", "editor_lora", "vcmp", "distill")
+
 LOG_LEVELS = ("debug", "info", "warning")
 # Libraries whose INFO lines are for the log file, not the console.
 CHATTY = ("ray", "urllib3", "filelock", "alembic", "httpx", "PIL", "mlflow", "DeepSpeed", "deepspeed",
@@ -94,26 +97,33 @@ def fail(job: str, message: Any) -> None:
 def setup(schema: Type[T], job: str, argv: Optional[Sequence[str]] = None,
           check: Optional[Callable[[T], Any]] = None) -> T:
     """Resolve and check the config (exit 2 with the problem on a bad one),
-    then create ``output``, write ``output/config.yaml`` and start the logs."""
+    then create ``output``, write ``output/config.yaml`` and start the logs.
+    An ``output`` at a URI (``s3://...``) gets its config there; its log file
+    is kept in a local staging folder and copied there when the job ends."""
+    from aesformer import storage
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(schema, job, argv)
         if cfg.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got '{cfg.log_level}'")
+        if storage.is_uri(cfg.output) and job not in URI_OUTPUTS:
+            raise ConfigError(f"output='{cfg.output}': {job} writes its output to a local or shared folder only "
+                              f"(a URI works for {', '.join(URI_OUTPUTS)})")
         if check is not None:
             check(cfg)
     except ConfigError as e:
         fail(job, e)
-    out = Path(cfg.output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.output = str(out.resolve())
+
+    storage.makedirs(cfg.output)
+    cfg.output = storage.resolve(cfg.output)
     text = to_yaml(cfg)
-    (out / "config.yaml").write_text(text)
-    setup_logging(cfg.log_level, out / "logs" / f"{job}.log")
+    storage.write_text(storage.join(cfg.output, "config.yaml"), text)
+    setup_logging(cfg.log_level, storage.staging(cfg.output) / "logs" / f"{job}.log")
     logger = logging.getLogger(job)
     logger.debug("resolved config:\n%s", text)
-    _to_file_only(logger, f"resolved config ({out / 'config.yaml'}):\n{text}")
+    _to_file_only(logger, f"resolved config ({storage.join(cfg.output, 'config.yaml')}):\n{text}")
     return cfg
 
 
@@ -136,7 +146,26 @@ def run_job(schema: Type[T], job: str, run: Callable[[T], Any], argv: Optional[S
     except ConfigError as e:
         fail(job, e)
     finally:
-        _link_ray_logs(Path(cfg.output) / "logs")
+        _keep_logs(cfg.output, job)
+
+
+def _keep_logs(output: str, job: str) -> None:
+    """The job's log beside its outputs: for a local output it is there
+    already (with a link to the local Ray session's logs); for a URI it is
+    copied there."""
+    from aesformer import storage
+
+    if not storage.is_uri(output):
+        _link_ray_logs(Path(output) / "logs")
+        return
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and getattr(h, "_aesformer", False):
+            h.flush()
+    log_file = storage.staging(output) / "logs" / f"{job}.log"
+    try:
+        storage.write_bytes(storage.join(output, "logs", f"{job}.log"), log_file.read_bytes())
+    except OSError as e:
+        logging.getLogger(job).warning("could not copy the log to %s: %s (it stays in %s)", output, e, log_file)
 
 
 def _link_ray_logs(logs: Path) -> None:

@@ -37,6 +37,13 @@ def resolve_model(name: str, cache_dir: Optional[str] = None, config_key: str = 
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"empty model name; set {config_key} to a local path, a hub id or tiny:<name>")
     name = name.strip()
+    from aesformer import storage
+
+    if storage.is_uri(name):  # a folder at a URI: each node copies it into its cache before loading
+        if not storage.is_dir(name):
+            raise ModelNotFoundError(f"model '{name}' (from {config_key}) is not a folder at that URI; set "
+                                     f"{config_key}=<local folder | URI of a model folder | hub id | tiny:<name>>")
+        return name
     if name.startswith("tiny:"):
         from aesformer.tiny import MODEL_KEYS, ensure_tiny_models
 
@@ -71,6 +78,9 @@ def load_vlm(path: str, dtype: Any = None, device: str = "cpu"):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     dtype = torch.float32 if dtype is None else dtype
+    from aesformer.storage import local_copy
+
+    path = local_copy(path)  # a folder at a URI: this node's copy
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
@@ -215,6 +225,17 @@ def model_status(resolved: str) -> Optional[str]:
     exist here with a config; a hub id must be in this node's Hugging Face
     cache, unless the hub is reachable (not HF_HUB_OFFLINE), when it
     downloads once into the cache."""
+    from aesformer import storage
+
+    if storage.is_uri(resolved):
+        try:
+            if not storage.is_dir(resolved):
+                return f"{resolved} is not a folder this node can read"
+            if not any(storage.exists(storage.join(resolved, f)) for f in ("config.json", "model_index.json", "tiny.json")):
+                return f"{resolved} has no config.json or model_index.json"
+        except OSError as e:
+            return f"{resolved} cannot be read from this node ({e})"
+        return None
     path = Path(resolved).expanduser()
     if path.is_absolute() or resolved.startswith((".", "~")):
         if not path.is_dir():

@@ -129,21 +129,15 @@ def deployment_options(d: DeploymentSettings) -> dict:
 
 def local_folder(uri: Optional[str], cache_dir: str) -> Optional[str]:
     """A model or LoRA named by a URI of a pyarrow filesystem (``s3://``,
-    ``gs://``, ``hdfs://``) copied once into ``cache_dir``; a path or hub id
-    as it is."""
-    if not uri or "://" not in uri:
-        return uri
-    import hashlib
+    ``gs://``, ``hdfs://``) copied once into ``cache_dir`` on this node
+    (:func:`aesformer.storage.local_copy`); a path or hub id as it is."""
     from pathlib import Path
 
-    import pyarrow.fs as pafs
+    from aesformer import storage
 
-    dest = Path(cache_dir).expanduser() / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (dest / ".complete").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(uri, str(dest))
-        (dest / ".complete").write_text(uri)
-    return str(dest)
+    if not uri or not storage.is_uri(uri):
+        return uri
+    return storage.local_copy(uri, Path(cache_dir).expanduser() / "remote")
 
 
 # -- errors --------------------------------------------------------------------------

@@ -369,16 +369,17 @@ def export_model(base_model: str, adapter_dir: str | os.PathLike, out_dir: str |
     The base model gets the tag tokens and resized embeddings exactly as in
     training, the adapter is loaded onto it and merged; the merged model and
     the extended processor are saved so that ``from_pretrained`` (and vLLM's
-    loader) read them like any Qwen-VL checkpoint. Each folder is written
-    under a temporary name and renamed, so a crash never leaves half of one.
+    loader) read them like any Qwen-VL checkpoint. A local folder is
+    written under a temporary name and swapped in, so a crash never leaves
+    half of one; ``out_dir`` may also be a URI.
     """
     import torch
     from peft import PeftModel
 
+    from aesformer import storage
     from aesformer.models import add_plan_tokens, load_vlm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    adapter_dir = storage.local_copy(adapter_dir)  # at a URI: this node's copy
     torch_dtype = getattr(torch, dtype)
     model, processor = load_vlm(base_model, dtype=torch_dtype)
     add_plan_tokens(model, processor)
@@ -386,25 +387,16 @@ def export_model(base_model: str, adapter_dir: str | os.PathLike, out_dir: str |
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
 
-    def replace_dir(final: Path, write) -> None:
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp)
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-
     def write_merged(tmp: Path) -> None:
         merged.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
 
     def write_adapter(tmp: Path) -> None:
-        shutil.copytree(adapter_dir, tmp)
+        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         processor.save_pretrained(str(tmp))
 
-    replace_dir(out / "merged", write_merged)
-    replace_dir(out / "adapter", write_adapter)
-    return {"merged": str(out / "merged"), "adapter": str(out / "adapter")}
+    storage.makedirs(out_dir)
+    paths = {"merged": storage.join(out_dir, "merged"), "adapter": storage.join(out_dir, "adapter")}
+    storage.write_dir(paths["merged"], write_merged)  # a local folder or a URI
+    storage.write_dir(paths["adapter"], write_adapter)
+    return paths

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -296,7 +296,7 @@ def fit(image: Image.Image, size: tuple[int, int], mode: str = "cover") -> Image
 
 
 def sample_aesrecon(folder: str | os.PathLike, n: int, seed: int, *, side: int = 128, test_fraction: float = 0.0,
-                    job: str = "sample") -> Path:
+                    job: str = "sample") -> Any:
     """A small AesRecon of ``n`` synthetic pairs for jobs run without data:
     the sample photographs in turn, each shrunk to ``side`` pixels on its
     longest edge, a good crop and a poor framing of it (:func:`framing_pair`),
@@ -310,7 +310,10 @@ def sample_aesrecon(folder: str | os.PathLike, n: int, seed: int, *, side: int =
     photos = sample_photos()
     ids = [f"sample-{i:04d}-{photos[i % len(photos)][0]}" for i in range(n)]
     split = (assign_split(ids, test_size=test_fraction) if test_fraction > 0 else dict.fromkeys(ids, "train"))
-    with ShardWriter(Path(folder), shard_rows=64) as writer:
+    from aesformer import storage
+
+    folder = storage.resolve(folder) if storage.is_uri(folder) else Path(folder)  # a URI stays a string
+    with ShardWriter(folder, shard_rows=64) as writer:
         for i, pid in enumerate(ids):
             if pid in writer:
                 continue
@@ -323,4 +326,4 @@ def sample_aesrecon(folder: str | os.PathLike, n: int, seed: int, *, side: int =
                         "sharpness": 0.0, **truth}
             writer.write(make_pair(pid, poor, good, plan=plan_from_measurement(measured).render(),
                                    video_id=f"sample-{name}", split=split[pid], provenance=make_provenance(job)))
-    return Path(folder)
+    return folder

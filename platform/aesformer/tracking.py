@@ -2,6 +2,10 @@
 
 The embedded default is a SQLite store with an artifact folder under
 ``<output>/mlflow``; any tracking URI can be set with ``tracking.uri=``.
+With an ``output`` at a URI (``s3://...``) the embedded store's SQLite file
+stays in the output's local staging folder on the driver's machine and the
+artifacts go to ``<output>/mlflow/artifacts``. On a cluster of several nodes
+the store must be a tracking server (:func:`check_tracking_across_nodes`).
 A training worker attaches to the driver's run with ``Tracker.attach``.
 """
 from __future__ import annotations
@@ -21,7 +25,18 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def default_uri(output: str | os.PathLike) -> str:
-    return f"sqlite:///{Path(output).resolve() / 'mlflow' / 'mlflow.db'}"
+    from aesformer.storage import staging
+
+    return f"sqlite:///{staging(output).resolve() / 'mlflow' / 'mlflow.db'}"
+
+
+def default_artifacts(output: str | os.PathLike) -> str:
+    """Where the embedded store keeps artifacts: a folder URI under ``output``."""
+    from aesformer import storage
+
+    if storage.is_uri(output):
+        return storage.join(output, "mlflow", "artifacts")
+    return (Path(output).resolve() / "mlflow" / "artifacts").as_uri()
 
 
 def check_tracking_across_nodes(cfg: Any, nodes: int) -> None:
@@ -64,14 +79,15 @@ class Tracker:
             return cls(None, None, enabled=False)
         from mlflow.tracking import MlflowClient
 
-        out = Path(cfg.output)
-        uri = tc.uri or default_uri(out)
+        from aesformer.storage import staging
+
+        uri = tc.uri or default_uri(cfg.output)
         if uri.startswith("sqlite:///"):
-            (out / "mlflow").mkdir(parents=True, exist_ok=True)
+            (staging(cfg.output) / "mlflow").mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(tc.experiment)
         if exp is None:
-            artifacts = (out / "mlflow" / "artifacts").resolve().as_uri() if uri.startswith("sqlite:///") else None
+            artifacts = default_artifacts(cfg.output) if uri.startswith("sqlite:///") else None
             exp_id = client.create_experiment(tc.experiment, artifact_location=artifacts)
         else:
             exp_id = exp.experiment_id
@@ -119,7 +135,16 @@ class Tracker:
             self.log_metrics({f"time/{name}": dt}, step=step)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
+        """A local file or folder, or one at a URI (copied here first)."""
         if not self.enabled:
+            return
+        from aesformer import storage
+
+        if storage.is_uri(path):
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="aesformer-artifact-") as tmp:
+                self.log_artifact(storage.download(path, Path(tmp) / storage.name(path)), artifact_path)
             return
         p = Path(path)
         if p.is_dir():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,36 @@ from aesformer.atomic import replace_dir, write_jsonl
 log = logging.getLogger(__name__)
 
 
-def write_outputs(cfg: Any, source: Path, out: Path, cache, keys: dict, settings: dict) -> dict:
+def write_outputs(cfg: Any, source: Any, out: Any, cache, keys: dict, settings: dict) -> dict:
     """The dataset with plans, the rejects (Parquet and JSONL), every attempt
-    and the SFT export, rebuilt from the cache (so they always agree with it)."""
+    and the SFT export, rebuilt from the cache (so they always agree with it).
+    For an ``out`` at a URI they are built in a local folder, then each put
+    in place there."""
+    from aesformer import storage
+
+    if not storage.is_uri(out):
+        return _write_outputs(cfg, source, Path(out), cache, keys, settings)
+    with tempfile.TemporaryDirectory(prefix="distill-outputs-") as tmp:
+        local = Path(tmp)
+        written = _write_outputs(cfg, source, local, cache, keys, settings)
+        for name in ("pairs", "rejects", "sft"):
+            if (local / name).is_dir():
+                storage.write_dir(storage.join(out, name),
+                                  lambda d, name=name: shutil.copytree(local / name, d, dirs_exist_ok=True))
+        for name in ("rejects.jsonl", "attempts.jsonl"):
+            storage.write_bytes(storage.join(out, name), (local / name).read_bytes())
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(str(local)):
+            return storage.join(out, Path(value).relative_to(local).as_posix())
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        return value
+
+    return moved(written)
+
+
+def _write_outputs(cfg: Any, source: Any, out: Path, cache, keys: dict, settings: dict) -> dict:
     from aesformer.data import ShardWriter, export_sft_json, iter_pairs, make_provenance
 
     prov_cfg = dataclasses.asdict(cfg)

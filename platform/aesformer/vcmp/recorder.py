@@ -54,8 +54,12 @@ class Recorder:
         from aesformer.vcmp import rows as R
 
         self.cfg, self.state = cfg, state
-        self.pairs = ShardWriter(out / "pairs", shard_rows=cfg.shard_rows)
-        self.frames = ShardWriter(out / "frames", R.FRAME_SCHEMA, shard_rows=cfg.shard_rows * 16, prefix="frames")
+        from aesformer import storage
+
+        # a local folder or a URI
+        self.pairs = ShardWriter(storage.join(out, "pairs"), shard_rows=cfg.shard_rows)
+        self.frames = ShardWriter(storage.join(out, "frames"), R.FRAME_SCHEMA, shard_rows=cfg.shard_rows * 16,
+                                  prefix="frames")
         self.provenance = make_provenance("vcmp", cfg)
         self.pending: dict[str, dict] = {}  # video id → progress while its rows arrive
         self.waiting: list[dict] = []  # finished videos whose rows are not all durable yet

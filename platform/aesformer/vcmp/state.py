@@ -5,6 +5,7 @@ produced is durable (its pairs in finished shards, or it had none), and one
 line per rejected file. A rerun reads it and skips those videos; a video
 whose line is missing (the run died first) is simply mined again, and the
 pair writer skips the ids it already holds, so nothing is duplicated or lost.
+At a URI (``s3://...``) the log is one object, rewritten whole at each append.
 """
 from __future__ import annotations
 
@@ -16,16 +17,21 @@ from typing import Iterable
 
 class RunState:
     def __init__(self, output: str | os.PathLike):
-        self.folder = Path(output) / "state"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / "videos.jsonl"
+        from aesformer import storage
+
+        self.uri = storage.is_uri(output)
+        self.folder = storage.join(output, "state") if self.uri else Path(output) / "state"
+        storage.makedirs(self.folder)
+        self.path = storage.join(self.folder, "videos.jsonl") if self.uri else self.folder / "videos.jsonl"
 
     def records(self) -> list[dict]:
         """Every record, in order (a torn last line from a crash is ignored)."""
-        if not self.path.exists():
+        from aesformer import storage
+
+        if not storage.exists(self.path):
             return []
         out = []
-        for line in self.path.read_text().splitlines():
+        for line in storage.read_text(self.path).splitlines():
             try:
                 out.append(json.loads(line))
             except ValueError:
@@ -50,6 +56,12 @@ class RunState:
     def append(self, records: Iterable[dict]) -> None:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
         if not lines:
+            return
+        if self.uri:
+            from aesformer import storage
+
+            old = storage.read_text(self.path) if storage.exists(self.path) else ""
+            storage.write_text(self.path, old + lines)
             return
         with open(self.path, "a") as f:
             f.write(lines)
