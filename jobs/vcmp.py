@@ -125,6 +125,34 @@ def ingest(cfg: VcmpConfig, state) -> tuple[list[dict], list[dict], int]:
     return sorted(todo, key=lambda e: e["video_id"]), rejects, listed
 
 
+# -- the cluster ----------------------------------------------------------------------------------
+
+def pool_asks(cfg: VcmpConfig) -> list:
+    """What the model stages' actor pools ask of the cluster (they stream at the same time)."""
+    from aesformer.placement import PoolAsk
+
+    P = cfg.pools
+    stages = ["screen"] + (["pairs"] if cfg.fuse_pair_stages else ["good_frame", "quality", "overlay", "align"])
+    return [PoolAsk(name, getattr(P, name).size, {"CPU": getattr(P, name).num_cpus, "GPU": getattr(P, name).num_gpus})
+            for name in stages]
+
+
+def check_cluster(cfg: VcmpConfig, ray) -> None:
+    """The pools fit the cluster; on several nodes the output and the input
+    are folders every node sees and every node has the models."""
+    from aesformer.models import require_models_on_nodes, resolve_model
+    from aesformer.placement import check_pools
+    from aesformer.storage import check_across_nodes
+
+    check_pools(ray, pool_asks(cfg), "vcmp")
+    paths = ("output", "input") if Path(str(cfg.input)).expanduser().is_dir() else ("output",)
+    check_across_nodes(cfg, ray, paths)
+    models = {"models.judge": cfg.models.judge, "models.editor": cfg.models.editor}
+    if cfg.screen_vlm:
+        models["screen_vlm"] = cfg.screen_vlm
+    require_models_on_nodes(ray, {key: resolve_model(name, cfg.models.cache_dir, key) for key, name in models.items()})
+
+
 # -- the streaming pipeline -------------------------------------------------------------------
 
 def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
@@ -208,8 +236,9 @@ def run(cfg: VcmpConfig) -> dict:
 
     out = Path(cfg.output)
     pairs_dir = out / "pairs"
-    tracker = Tracker.start(cfg, "vcmp")
     ray = init_ray(cfg.ray)
+    check_cluster(cfg, ray)  # before any model loads or the tracker starts
+    tracker = Tracker.start(cfg, "vcmp")
     state = RunState(out)
     t0 = time.perf_counter()
     with tracker.phase("ingest"):
