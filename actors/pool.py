@@ -79,6 +79,8 @@ class ResilientPool:
             raise RuntimeError(f"pool '{name}': the cluster cannot place {size} x {self.bundle} within "
                                f"{ready_timeout:.0f}s ({type(e).__name__}); lower the pool's size or resources") from None
         self._generation = [0] * size
+        self._where: list = [None] * size  # the node of each bundle, as last seen
+        self.nodes()
         self.actors = [self._start(i) for i in range(size)]
         self._pending: dict[Any, tuple] = {}  # ref -> (key, index, generation, method, args, attempts)
         self._next = itertools.cycle(range(size))
@@ -111,22 +113,44 @@ class ResilientPool:
             raise RuntimeError(f"pool '{self.name}': {self.restarts} actor restarts, more than allowed "
                                f"({self.max_restarts} per actor); last failure: {reason}")
         t0 = time.monotonic()
-        was_on = (self.nodes() or [None] * self.size)[index]
+        was_on = self._where[index]  # Ray may have placed the bundle elsewhere already
         log.warning("pool '%s': actor %d died (%s); starting a replacement", self.name, index, reason[:300])
         try:
             ray.kill(self.actors[index], no_restart=True)
         except Exception:
             pass
-        self._generation[index] += 1
-        self.wait_placed()
-        self.actors[index] = self._start(index)
-        if self.on_start is not None:
-            self.on_start(self.actors[index])
+        for attempt in range(3):
+            # a node that just went away may still hold the bundle: a replacement
+            # started there dies with it, and the next one goes where Ray placed it again
+            self._generation[index] += 1
+            self.wait_placed()
+            self.actors[index] = self._start(index)
+            try:
+                self.get(self.actors[index].__ray_ready__.remote(), f"starting actor {index}")
+                if self.on_start is not None:
+                    self.on_start(self.actors[index])
+                break
+            except _actor_failures() as e:
+                if attempt == 2 or self._answers(self.actors[index]):
+                    raise  # out of tries, or another actor failed (one that on_start called)
+                log.warning("pool '%s': the replacement of actor %d died too (%s); starting another", self.name,
+                            index, type(e).__name__)
+                time.sleep(2.0)
         now_on = (self.nodes() or [None] * self.size)[index]
         self.events.append({"pool": self.name, "actor": index, "reason": reason[:300], "was_on": was_on,
                             "now_on": now_on, "seconds": round(time.monotonic() - t0, 1)})
         log.warning("pool '%s': actor %d replaced on %s (was on %s)", self.name, index, now_on, was_on)
         return self.actors[index]
+
+    @staticmethod
+    def _answers(actor: Any, timeout: float = 30.0) -> bool:
+        import ray
+
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=timeout)
+            return True
+        except Exception:
+            return False
 
     def wait_placed(self, timeout: Optional[float] = None) -> None:
         """Until every bundle of the pool is placed (after a node loss Ray
@@ -161,7 +185,9 @@ class ResilientPool:
         except Exception:
             return None
         where = table.get("bundles_to_node_id") or {}
-        return [labels.get(where.get(i), None) for i in range(self.size)]
+        found = [labels.get(where.get(i), None) for i in range(self.size)]
+        self._where = [f or w for f, w in zip(found, self._where)]
+        return found
 
     def forget(self) -> None:
         """Drop every pending call (their results are no longer wanted)."""
