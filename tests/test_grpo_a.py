@@ -1,7 +1,9 @@
 """GRPO-A on the tiny profile, in this process's Ray session: rewards rise,
 the weight sync keeps the rollout engines on the learner's weights (and a
-broken sync shows), a killed rollout actor does not stop the run, and a run
-resumes from its newest checkpoint with the next prompts and the saved weights.
+broken sync shows), a killed rollout actor does not stop the run, a killed
+learner rank restarts the learner group from the newest checkpoint within the
+run, and a run resumes from its newest checkpoint with the next prompts and
+the saved weights.
 
 The policy is the tiny thinker with the plan tokens, briefly fine-tuned by
 plain torch on short plans with random phrases, so that GRPO has a signal to
