@@ -55,14 +55,7 @@ def app(tiny_models):
         "edit.deployment.autoscaling.upscale_delay_s=1", "edit.deployment.autoscaling.downscale_delay_s=4",
         "edit.deployment.autoscaling.metrics_interval_s=0.5", "edit.deployment.autoscaling.look_back_period_s=2",
     ])
-    for attempt in range(3):
-        try:
-            url = start(cfg)
-            break
-        except Exception as e:  # a raylet that took over 30 s to register on a busy machine
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            shutdown_ray()
+    url = start(cfg)
     try:
         yield {"url": url, "cfg": cfg}
     finally:

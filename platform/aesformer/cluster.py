@@ -54,6 +54,9 @@ def runtime_env(ray_cfg: Any, ship: bool) -> dict:
     return env
 
 
+LOCAL_START_ATTEMPTS = 3
+
+
 def init_ray(ray_cfg: Any, *, extra_env: Optional[dict] = None):
     """Connect to or start Ray once per process; returns the ``ray`` module."""
     import ray
@@ -76,14 +79,19 @@ def init_ray(ray_cfg: Any, *, extra_env: Optional[dict] = None):
     else:
         num_cpus = ray_cfg.num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray with %s CPUs", num_cpus)
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            num_gpus=ray_cfg.num_gpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            **kwargs,
-        )
+        for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+            try:
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", **kwargs)
+                break
+            except Exception as e:
+                # Ray gives its raylet a fixed 30 s to register; on a machine busy
+                # with other work that is not always enough, and a second try is
+                if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
+                    raise
+                log.warning("the local Ray did not start within Ray's 30 s (is the machine busy? load average "
+                            "%.1f); trying again (%d of %d)", os.getloadavg()[0], attempt + 1, LOCAL_START_ATTEMPTS)
+                ray.shutdown()
     if not verbose:
         from ray.data import DataContext
         from ray.util.debug import log_once

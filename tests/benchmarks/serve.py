@@ -79,7 +79,6 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from aesformer.actors.serve_app import build
-    from aesformer.cluster import shutdown_ray
     from aesformer.config import load_config
     from aesformer.jobs.serve import start, stop
     from aesformer.pipeline import AesFormer
@@ -91,14 +90,7 @@ def main() -> None:
     models = ensure_tiny_models()
     cfg = load_config(ServeConfig, "serve", COMMON + [f"http.port={free_port()}"])
     single = load_config(ServeConfig, "serve", COMMON + ["think.max_batch_size=1", "app_name=batch1"])
-    for attempt in range(3):
-        try:
-            url = start(cfg)
-            break
-        except Exception as e:  # a raylet that took over 30 s to register on a busy machine
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            shutdown_ray()
+    url = start(cfg)
     serve.run(build(single), name="batch1", route_prefix="/batch1")
     photo = sample_photos(1)[0][1].resize((96, 64))
     buf = io.BytesIO()
