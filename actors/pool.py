@@ -136,7 +136,8 @@ class ResilientPool:
                 log.warning("pool '%s': the replacement of actor %d died too (%s); starting another", self.name,
                             index, type(e).__name__)
                 time.sleep(2.0)
-        now_on = (self.nodes() or [None] * self.size)[index]
+        now_on = (self.nodes(remember=False) or [None] * self.size)[index]
+        self._where[index] = now_on or self._where[index]
         self.events.append({"pool": self.name, "actor": index, "reason": reason[:300], "was_on": was_on,
                             "now_on": now_on, "seconds": round(time.monotonic() - t0, 1)})
         log.warning("pool '%s': actor %d replaced on %s (was on %s)", self.name, index, now_on, was_on)
@@ -173,8 +174,9 @@ class ResilientPool:
                                    "lack room for it")
             time.sleep(0.5)
 
-    def nodes(self) -> Optional[list]:
-        """The node (its label: custom resources, or ``head``) of each bundle, or None when unknown."""
+    def nodes(self, remember: bool = True) -> Optional[list]:
+        """The node (its label: custom resources, or ``head``) of each bundle,
+        or None when unknown; ``remember``: as each actor's last known node."""
         import ray
 
         from aesformer.storage import node_label
@@ -186,7 +188,8 @@ class ResilientPool:
             return None
         where = table.get("bundles_to_node_id") or {}
         found = [labels.get(where.get(i), None) for i in range(self.size)]
-        self._where = [f or w for f, w in zip(found, self._where)]
+        if remember:
+            self._where = [f or w for f, w in zip(found, self._where)]
         return found
 
     def forget(self) -> None:
