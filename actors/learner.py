@@ -15,9 +15,9 @@ rank runs the same number of forward passes (short shards are padded with a
 zero-weight copy of a real sample), as ZeRO-3's collectives require.
 
 Weights leave the group over a collective to the rollout engines
-(``aesformer.weight_sync``): every rank gathers the ZeRO-3 partitions layer
-by layer (``aesformer.deepspeed_engine.GatheredSource``) while rank 0 broadcasts each
-layer to the engines — vLLM's NCCL weight-transfer engine on GPU, a gloo
+(``aesformer.weight_sync``): every rank gathers the ZeRO-3 partitions a few
+whole layers at a time (``aesformer.deepspeed_engine.GatheredSource``, about a
+bucket per gather) while rank 0 broadcasts them to the engines — vLLM's NCCL weight-transfer engine on GPU, a gloo
 group on CPU — and drives the engines' init / start / update / finish calls.
 No weight byte goes through the object store.
 """
@@ -246,7 +246,7 @@ class LearnerWorker:
         if self.transfer is not None:
             self.transfer.shutdown()
             self.transfer = None
-        source = GatheredSource(self.trainable)
+        source = GatheredSource(self.trainable, max_bytes=bucket_bytes)  # gathers of about one bucket
         client = RolloutClient(handles, world_sizes) if self.rank == 0 else None
         world = 1 + sum(int(w) for w in world_sizes)
         address, port = self.address() if self.rank == 0 else ("", 0)
@@ -331,7 +331,8 @@ class _GlooTransfer:
         if self.client is not None:
             self.client.version = version
         st = self.engine.send_weights(str(version))
-        return {"bytes": st.bytes, "tensors": st.tensors, "seconds": st.seconds, "raw_copy_seconds": st.raw_copy_seconds}
+        return {"bytes": st.bytes, "tensors": st.tensors, "seconds": st.seconds, "raw_copy_seconds": st.raw_copy_seconds,
+                "parts": dict(st.parts)}
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -350,9 +351,10 @@ class _NcclTransfer:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        from aesformer.weight_sync import _raw_copy_time
+        from aesformer.weight_sync import RawCopy
 
         outer = self
+        self.raw_copy = RawCopy(bucket_bytes)
         self.raw_copy_seconds = 0.0
         self.bytes = 0
         self.tensors = 0
@@ -369,7 +371,7 @@ class _NcclTransfer:
             def _iter_full(self):
                 for name, tensor in source.iter_full():
                     if rank == 0:
-                        outer.raw_copy_seconds += _raw_copy_time(tensor)
+                        outer.raw_copy_seconds += outer.raw_copy.copy(tensor.detach())
                         outer.bytes += tensor.numel() * tensor.element_size()
                         outer.tensors += 1
                     yield name, tensor
@@ -385,6 +387,8 @@ class _NcclTransfer:
         if self.client is not None:
             self.client.version = version
         self.raw_copy_seconds, self.bytes, self.tensors = 0.0, 0, 0
+        self.raw_copy.reset()
+        # from the engines' start call to their finish: the time the weights take to arrive
         t = self.time.perf_counter()
         self.active = None
         try:

@@ -374,14 +374,20 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return (float(a.mean()), float(a.std())) if a.size else (0.0, 0.0)
 
 
-def _alive(actor: Any, timeout: float = 30.0) -> bool:
+def _dead(actors: list, timeout: float = 30.0) -> list[int]:
+    """Indices of the actors that do not answer: one call to each, all in
+    flight together (one round trip, not one per actor)."""
     import ray
 
-    try:
-        ray.get(actor.get_version.remote(), timeout=timeout)
-        return True
-    except Exception:
-        return False
+    refs = [a.get_version.remote() for a in actors]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    dead = []
+    for i, ref in enumerate(refs):
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:
+            dead.append(i)
+    return dead
 
 
 class Trainer:
@@ -494,7 +500,7 @@ class Trainer:
 
     def learner_lost(self) -> bool:
         """Whether a learner rank is dead or stuck (does not answer)."""
-        return self.learner is None or not all(_alive(a) for a in self.learner.actors)
+        return self.learner is None or bool(_dead(list(self.learner.actors)))
 
     def restore(self, folder: Path, state: dict) -> str:
         """Load a checkpoint into the learner group, check its weights against
@@ -543,25 +549,33 @@ class Trainer:
         from aesformer.cluster import object_store_created_bytes
 
         created = after = None
+        driver = dict(driver_alive=0.0, driver_store=0.0, driver_call=0.0)
+        clock = time.perf_counter
         self.syncing = True
         try:
             for attempt in (0, 1):
                 # a rollout actor that died since its last call is replaced first
-                for i, a in enumerate(list(self.rollout.actors)):
-                    if not _alive(a):
-                        self.rollout.restart(i, "found dead before the weight sync")
+                t = clock()
+                for i in _dead(list(self.rollout.actors)):
+                    self.rollout.restart(i, "found dead before the weight sync")
+                driver["driver_alive"] += clock() - t
                 members = tuple(self.rollout.generations)
                 try:
                     if self.transfer_members != members:
                         self._open_transfer(list(self.rollout.actors))
                         self.transfer_members = members
+                    t = clock()
                     created = object_store_created_bytes()  # around the send itself, not restarts
+                    t1 = clock()
                     stats = self.learner.get(self.learner.call_all("send_weights", version), "send_weights", 900)[0]
+                    t2 = clock()
                     after = object_store_created_bytes()
+                    driver["driver_store"] += (t1 - t) + (clock() - t2)
+                    driver["driver_call"] += t2 - t1
                     break
                 except Exception as e:
                     self.transfer_members = None
-                    dead = [i for i, a in enumerate(self.rollout.actors) if not _alive(a)]
+                    dead = _dead(list(self.rollout.actors))
                     if attempt or not dead:
                         raise
                     for i in dead:
@@ -570,6 +584,7 @@ class Trainer:
             self.syncing = False
         self.weights_version = version
         stats["object_store_bytes"] = (after - created) if None not in (after, created) else None
+        stats["parts"] = {**stats.get("parts", {}), **driver}
         return stats
 
     # -- one step -------------------------------------------------------------------------------
@@ -855,9 +870,13 @@ def run(cfg: GrpoAConfig) -> dict:
                     t = time.perf_counter()
                     if cfg.sync_every and step % cfg.sync_every == 0:
                         sync = trainer.sync(step)
-                    # the sync's wall time without the raw copy it timed alongside
+                    # the sync phase's wall time without the raw copy it timed alongside; within it,
+                    # the time the weights took to arrive (learner rank 0: the engines' start call to
+                    # their finish) and the raw in-process copy of the same tensors it is compared with
                     times["sync"] = time.perf_counter() - t - sync["raw_copy_seconds"]
                     times["sync_raw_copy"] = sync["raw_copy_seconds"]
+                    times["sync_transfer"] = sync["seconds"]
+                    times.update({f"sync_{k}": v for k, v in sync.get("parts", {}).items()})
                     times["step"] = time.perf_counter() - t_step
                     versions = [s["weight_version"] for s in samples]
                     metrics.update(reward_metrics(samples))

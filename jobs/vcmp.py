@@ -179,7 +179,9 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
 
     def pool(callable_cls, pc, **kwargs):
         """map_batches arguments of a model stage: an actor pool sized from its config."""
-        return dict(fn=callable_cls, compute=ActorPoolStrategy(size=pc.size), num_gpus=pc.num_gpus,
+        compute = (ActorPoolStrategy(min_size=pc.size, max_size=pc.max_size) if pc.max_size and pc.max_size > pc.size
+                   else ActorPoolStrategy(size=pc.size))
+        return dict(fn=callable_cls, compute=compute, num_gpus=pc.num_gpus,
                     num_cpus=pc.num_cpus, batch_size=pc.batch_size, batch_format="pyarrow",
                     fn_constructor_kwargs={**kwargs, "batch_size": max(1, pc.batch_size * 4),
                                            "num_gpus": pc.num_gpus})

@@ -121,31 +121,56 @@ def steps_of(output) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(ray_session, small_data, sft_policy,
-                                                                             tmp_path, mode):
+def reward_rise(steps: list[dict]) -> float:
+    """Mean reward of the last five steps minus that of the first five."""
+    return sum(s["reward_mean"] for s in steps[-5:]) / 5 - sum(s["reward_mean"] for s in steps[:5]) / 5
+
+
+RISE = 0.08  # the bar both modes must clear over 30 steps
+# One step off policy may trail the synchronous rise by at most this: the
+# tiny runs are deterministic and measured 0.097 (sync) and 0.091 (async);
+# 0.02 is the bar's own margin under the synchronous rise.
+ASYNC_SLACK = 0.02
+
+
+@pytest.fixture(scope="module")
+def learning_runs(ray_session, small_data, sft_policy, tmp_path_factory):
+    """The 30-step learning run of each mode, run once for the module and
+    shared by the tests that read it: ``learning_runs(mode) -> (cfg, result,
+    steps)``."""
     from aesformer.jobs.grpo_a import run
 
-    # 4 prompts x 5 samples a step, two optimizer steps; 48 tokens hold the
-    # first dimensions of a plan, so the reward is the alignment of those.
-    # rollout.async: step k+1 samples from the weights before step k's update.
-    # The clip is the symmetric 0.2 of the paper's objective without dual
-    # clip: this tiny run is deterministic, and with the released [0.8, 1.3]
-    # range and dual clip 3.0 its mean reward ends 0.077 above its start,
-    # just under the bar (0.097 with these); test_grpo.py checks every
-    # clipping branch by hand.
-    cfg = config(tmp_path, small_data, sft_policy, steps=30, checkpoint_every=0, prompts_per_step=4, **{
-        "rollout.max_tokens": 48, "learner.lr": "6e-4", "tracking.enabled": "true",
-        "learner.clip_ratio_high": "0.2", "learner.dual_clip": "0",
-        "rollout.async": str(mode == "async").lower()})
-    result = run(cfg)
-    steps = steps_of(cfg.output)
+    done: dict = {}
+
+    def get(mode: str):
+        if mode not in done:
+            # 4 prompts x 5 samples a step, two optimizer steps; 48 tokens hold the
+            # first dimensions of a plan, so the reward is the alignment of those.
+            # rollout.async: step k+1 samples from the weights before step k's update.
+            # The clip is the symmetric 0.2 of the paper's objective without dual
+            # clip: this tiny run is deterministic, and with the released [0.8, 1.3]
+            # range and dual clip 3.0 its mean reward ends 0.077 above its start,
+            # just under the bar (0.097 with these); test_grpo.py checks every
+            # clipping branch by hand.
+            cfg = config(tmp_path_factory.mktemp(f"learn-{mode}"), small_data, sft_policy, steps=30,
+                         checkpoint_every=0, prompts_per_step=4, **{
+                             "rollout.max_tokens": 48, "learner.lr": "6e-4", "tracking.enabled": "true",
+                             "learner.clip_ratio_high": "0.2", "learner.dual_clip": "0",
+                             "rollout.async": str(mode == "async").lower()})
+            result = run(cfg)
+            done[mode] = (cfg, result, steps_of(cfg.output))
+        return done[mode]
+
+    return get
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(learning_runs, mode):
+    cfg, result, steps = learning_runs(mode)
     assert [s["step"] for s in steps] == list(range(1, 31))
-    first = sum(s["reward_mean"] for s in steps[:5]) / 5
-    last = sum(s["reward_mean"] for s in steps[-5:]) / 5
-    # the same bar for both modes: one step off policy learns no worse
-    assert last > first + 0.08, f"mean reward {first:.3f} (steps 1-5) -> {last:.3f} (steps 26-30)"
+    # the same bar for both modes
+    assert reward_rise(steps) > RISE, f"mean reward rose {reward_rise(steps):.3f} from steps 1-5 to 26-30"
     if mode == "sync":
         # the rollout engine always samples from the learner's current weights
         assert max(s["logprob_mismatch"] for s in steps) < 1e-3
@@ -168,11 +193,20 @@ def test_rewards_rise_and_every_sync_keeps_rollout_and_learner_logprobs_equal(ra
     for key in ("reward_mean", "reward_std", "reward_format_mean", "reward_alignment_mean", "reward_creativity_mean",
                 "format_rate", "kl", "entropy", "response_length_mean", "advantage_mean", "advantage_std",
                 "clip_frac", "logprob_mismatch", "time/rollout", "time/reward", "time/reference", "time/update",
-                "time/sync", "time/sync_raw_copy", "time/step", "weight_sync_bytes", "transfer_bytes",
+                "time/sync", "time/sync_transfer", "time/sync_raw_copy", "time/step", "weight_sync_bytes", "transfer_bytes",
                 "weight_version_mean"):
         assert key in logged, key
     assert len(client.get_metric_history(run_id, "reward_mean")) == 30
     assert result["finished"] and result["last_step"] == 30
+
+
+@pytest.mark.timeout(1200)
+def test_one_step_off_policy_rollout_learns_no_worse_than_synchronous(learning_runs):
+    """The same 30 steps with rollout.async=true: the reward rises at least as
+    much as the synchronous run's, less ``ASYNC_SLACK`` (both runs are
+    shared with the test above, so this costs no extra run)."""
+    sync, off = reward_rise(learning_runs("sync")[2]), reward_rise(learning_runs("async")[2])
+    assert off >= sync - ASYNC_SLACK, f"reward rise: async {off:.3f}, sync {sync:.3f} (slack {ASYNC_SLACK})"
 
 
 @pytest.mark.timeout(300)

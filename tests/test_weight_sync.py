@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from aesformer.deepspeed_engine import GatheredSource, layer_key
-from aesformer.weight_sync import (GlooReceiver, GlooTrainerTransfer, bucket_plan, rank_offsets, total_bytes,
-                                   update_info)
+from aesformer.weight_sync import (FlatBuffers, GlooReceiver, GlooTrainerTransfer, Layout, RawCopy, bucket_plan,
+                                   rank_offsets, total_bytes, update_info)
 
 
 def _port() -> int:
@@ -91,12 +91,46 @@ def test_buckets_close_before_the_limit_and_a_large_tensor_travels_alone():
     assert info["dtype_names"] == ["float32", "float32", "float32", "bfloat16"]
 
 
+def test_every_tensor_starts_aligned_in_its_bucket_so_mixed_dtypes_share_one():
+    info = update_info([("a", torch.bfloat16, [3]), ("b", torch.float32, [5]), ("c", torch.int64, [1])])
+    layout = Layout.of(info, 1 << 20)
+    assert [b.items for b in layout.buckets] == [((0, 0, 6), (1, 16, 20), (2, 48, 8))]
+    assert layout.buckets[0].nbytes == 64 and layout.tensor_bytes == 34
+
+
+def test_flat_buffers_are_kept_across_updates_and_grow_only_when_needed():
+    buffers = FlatBuffers()
+    first = buffers.get(0, 100)
+    assert buffers.get(0, 60).data_ptr() == first.data_ptr()  # a smaller bucket reuses the buffer
+    assert buffers.get(1, 100).data_ptr() != first.data_ptr()  # the other slot is a buffer of its own
+    assert buffers.get(0, 200).numel() == 200
+
+
+def test_the_raw_copy_baseline_copies_each_tensor_into_a_kept_destination():
+    raw = RawCopy(capacity=1 << 12)
+    tensors = [torch.randn(16, 16), torch.randn(300), torch.randn(2000)]  # the last is larger than the buffer
+    for t in tensors:
+        assert raw.copy(t) >= 0
+    kept = raw.buffers.buffers[0]
+    assert raw.seconds > 0
+    raw.reset()
+    raw.copy(tensors[0])
+    assert raw.buffers.buffers[0].data_ptr() == kept.data_ptr() and raw.seconds > 0
+    assert torch.equal(kept[:1024].view(torch.float32).view(16, 16), tensors[0])
+
+
 def test_the_source_groups_parameters_by_layer():
     assert layer_key("model.language_model.layers.3.mlp.up_proj.weight") == "model.language_model.layers.3"
     assert layer_key("lm_head.weight") == "lm_head"
     groups = GatheredSource(Model(0).named_parameters()).layers()
     assert [[n for n, _ in g] for g in groups] == [
         ["embed.weight"], ["layers.0.weight", "layers.0.bias"], ["layers.1.weight", "layers.1.bias"],
+        ["layers.2.weight", "layers.2.bias"], ["head.weight"]]
+    # with a byte budget, consecutive layers share one gather (a larger layer still gets its own)
+    linear = (16 * 16 + 16) * 4
+    merged = GatheredSource(Model(0).named_parameters(), max_bytes=2 * linear).groups()
+    assert [[n for n, _ in g] for g in merged] == [
+        ["embed.weight"], ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"],
         ["layers.2.weight", "layers.2.bias"], ["head.weight"]]
 
 
@@ -141,6 +175,28 @@ def test_a_new_group_reaches_a_fresh_engine_and_an_engine_without_a_group_is_ref
         client=ThreadClient([receiver]), source=GatheredSource(trainer.named_parameters()))
     sender.send_weights("5")
     assert all(torch.equal(p, q) for p, q in zip(trainer.parameters(), fresh.parameters()))
+
+
+@pytest.mark.timeout(60)
+def test_an_engine_that_refuses_the_update_fails_the_send_before_any_broadcast():
+    """The engines' start call runs while the first bucket is packed; the first
+    broadcast waits for it, so a refusal fails the send at once instead of a
+    broadcast waiting for a peer that never receives."""
+    trainer = Model(0)
+    receiver = GlooReceiver(_loader(Model(1), []))
+
+    class Refusing(ThreadClient):
+        def start_weight_update(self):
+            self.calls.append("start")
+            raise RuntimeError("the engine refused the update")
+
+    client = Refusing([receiver])
+    sender = GlooTrainerTransfer.trainer_init(
+        {"master_address": "127.0.0.1", "master_port": _port(), "world_size": 2, "rank": 0, "bucket_bytes": 1088},
+        client=client, source=GatheredSource(trainer.named_parameters()))
+    with pytest.raises(RuntimeError, match="refused"):
+        sender.send_weights("1")
+    assert client.calls == ["init", "start"]
 
 
 def test_other_trainer_ranks_only_iterate_the_source():

@@ -238,15 +238,19 @@ def layer_key(name: str) -> str:
 
 
 class GatheredSource:
-    """Full weights out of a (possibly ZeRO-3 partitioned) model, one layer at
-    a time: ``metadata`` lists (name, dtype, full shape) without gathering
-    anything; ``iter_full()`` gathers each layer's parameters on every rank
-    (a collective: call it on every rank, in step) and yields (name, full
-    tensor) while that layer is gathered, then releases it. Peak extra memory
-    is one layer, never the whole model."""
+    """Full weights out of a (possibly ZeRO-3 partitioned) model, a few layers
+    at a time: ``metadata`` lists (name, dtype, full shape) without gathering
+    anything; ``iter_full()`` gathers a group of whole layers on every rank (a
+    collective: call it on every rank, in step) and yields (name, full tensor)
+    while that group is gathered, then releases it. A group holds consecutive
+    layers up to ``max_bytes`` of full weights (one layer when it is larger;
+    ``max_bytes=0``: one layer a group), so peak extra memory is about
+    ``max_bytes`` or one layer, never the whole model, and a model of small
+    layers is not gathered in many small collectives."""
 
-    def __init__(self, named_parameters: Iterable[tuple[str, Any]]):
+    def __init__(self, named_parameters: Iterable[tuple[str, Any]], max_bytes: int = 0):
         self.params = list(named_parameters)
+        self.max_bytes = int(max_bytes)
 
     @property
     def metadata(self) -> list[tuple[str, Any, tuple[int, ...]]]:
@@ -263,8 +267,22 @@ class GatheredSource:
             groups[-1].append((name, p))
         return groups
 
+    def groups(self) -> list[list[tuple[str, Any]]]:
+        """The layers, merged into runs of at most ``max_bytes``."""
+        out: list[list[tuple[str, Any]]] = []
+        size = 0
+        for layer in self.layers():
+            n = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for _, p in layer)
+            if out and size + n <= self.max_bytes:
+                out[-1].extend(layer)
+                size += n
+            else:
+                out.append(list(layer))
+                size = n
+        return out
+
     def iter_full(self) -> Iterator[tuple[str, Any]]:
-        for group in self.layers():
+        for group in self.groups():
             with gathered([p for _, p in group]):
                 for name, p in group:
                     yield name, p.data

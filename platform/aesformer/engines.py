@@ -522,7 +522,8 @@ VLLM_API: dict[str, dict[str, list[str]]] = {
                                               "ParamMeta": ["name", "dtype", "shape"]},
     "vllm.distributed.weight_transfer.factory": {"WeightTransferTrainerFactory": ["trainer_init"]},
     "vllm.distributed.weight_transfer.nccl_engine": {
-        "NCCLTrainerInitInfo": ["master_address", "master_port", "world_size", "rank", "packed"],
+        "NCCLTrainerInitInfo": ["master_address", "master_port", "world_size", "rank", "packed",
+                                "packed_buffer_size_bytes"],
         "NCCLTrainerWeightTransferEngine": ["send_weights", "shutdown"]},
     "vllm.outputs": {
         "RequestOutput": ["outputs"],

@@ -15,21 +15,31 @@ On GPU the group is vLLM's NCCL transfer engine; on CPU it is a torch.distribute
 gloo group built here (:class:`GlooGroup`), outside the learner's own
 DeepSpeed process group. Tensors travel packed into flat byte buckets of at
 most ``bucket_bytes`` (one broadcast per bucket); both sides derive the same
-bucket boundaries from the metadata (:func:`bucket_plan`), so only the
-metadata is sent as a message. No weight byte goes through the object store.
+bucket boundaries and offsets from the metadata (:class:`Layout`), so only
+the metadata is sent as a message, once per group. Each side keeps two flat
+buffers for as long as the group lives (:class:`FlatBuffers`): the trainer
+packs bucket k+1 while bucket k is on the wire, and an engine has bucket k+1
+already posted while it copies bucket k into its parameters. The engines'
+``start`` call runs while the first bucket is packed. No weight byte goes
+through the object store.
+
+A transfer is judged by the time the weights take to arrive (``start``
+until every engine acknowledged ``finish``) against :class:`RawCopy`: the
+same tensors copied once in the trainer's process into preallocated
+destinations.
 
 A source of weights is any object with ``metadata`` (``[(name, dtype,
 shape)]``) and ``iter_full()`` yielding ``(name, full tensor)`` in metadata
-order (``aesformer.deepspeed_engine.GatheredSource`` gathers ZeRO-3 partitions layer by
-layer). Every trainer rank iterates it (the gathers are collectives); only
-rank 0 sends.
+order (``aesformer.deepspeed_engine.GatheredSource`` gathers ZeRO-3 partitions
+a few whole layers at a time). Every trainer rank iterates it (the gathers
+are collectives); only rank 0 sends.
 """
 from __future__ import annotations
 
 import datetime
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 DEFAULT_BUCKET_BYTES = 64 << 20
@@ -117,13 +127,20 @@ class GlooGroup:
                                    wait_for_workers=False)
         self.pg = dist.ProcessGroupGloo(dist.PrefixStore("aesformer-weights", self.store), rank, world_size, timeout)
 
-    def broadcast(self, tensor: Any, src: int = 0) -> None:
+    def broadcast(self, tensor: Any, src: int = 0, wait: bool = True) -> Any:
+        """Broadcast ``tensor`` from ``src``; with ``wait=False`` return the
+        pending work (its ``wait()`` ends it). Broadcasts complete in the order
+        every rank issues them."""
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        work = self.pg.broadcast([tensor], opts)
+        if wait:
+            work.wait()
+            return None
+        return work
 
     def destroy(self) -> None:
         self.pg = None
@@ -132,92 +149,240 @@ class GlooGroup:
 
 # -- sending and receiving ---------------------------------------------------------------------
 
+ALIGN = 16  # every tensor starts at a multiple of this in its bucket, so a byte view casts to any dtype
+
+
+@dataclass(frozen=True)
+class Bucket:
+    items: tuple[tuple[int, int, int], ...]  # (tensor index, byte offset in the bucket, bytes)
+    nbytes: int  # the bucket's size, padding included
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every tensor of an update sits: its bucket and its offset there.
+    Sender and receivers derive it alike from the control message."""
+    buckets: tuple[Bucket, ...]
+    tensor_bytes: int  # the tensors' bytes, padding excluded
+
+    @classmethod
+    def of(cls, info: dict, bucket_bytes: int) -> "Layout":
+        sizes = [tensor_nbytes(dt, s) for dt, s in zip(info["dtype_names"], info["shapes"])]
+        buckets = []
+        for plan in bucket_plan(info, bucket_bytes):
+            items, at = [], 0
+            for i in plan:
+                items.append((i, at, sizes[i]))
+                at += -(-sizes[i] // ALIGN) * ALIGN
+            buckets.append(Bucket(tuple(items), at))
+        return cls(tuple(buckets), sum(sizes))
+
+    @property
+    def largest(self) -> int:
+        return max((b.nbytes for b in self.buckets), default=0)
+
+
+class FlatBuffers:
+    """Flat byte buffers that outlive an update (two: one fills while the
+    other travels). A buffer is allocated and touched once, the first time a
+    bucket needs it, never inside later transfers."""
+
+    def __init__(self, count: int = 2):
+        self.buffers: list = [None] * count
+
+    def get(self, slot: int, nbytes: int, device: Any = "cpu"):
+        import torch
+
+        buf = self.buffers[slot]
+        if buf is None or buf.numel() < nbytes or buf.device != torch.device(device):
+            buf = torch.zeros(max(nbytes, 1), dtype=torch.uint8, device=device)
+            self.buffers[slot] = buf
+        return buf[:nbytes]
+
+
+def _typed(flat: Any, offset: int, dtype: Any, shape: Sequence[int]) -> Any:
+    """The bytes of ``flat`` at ``offset`` seen as a tensor of ``dtype`` and ``shape`` (no copy)."""
+    import math
+
+    import torch
+
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return flat[offset:offset + n].view(dtype).view(tuple(shape))
+
+
+class RawCopy:
+    """The baseline a transfer is compared with: each tensor copied once, in
+    this process, into a preallocated destination (a buffer kept across
+    updates and touched when allocated, so no allocation or first-touch page
+    fault is timed); only the copies are timed."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(int(capacity), ALIGN)
+        self.buffers = FlatBuffers(1)
+        self.offset = 0
+        self.seconds = 0.0
+
+    def copy(self, tensor: Any) -> float:
+        import torch
+
+        n = tensor.numel() * tensor.element_size()
+        if not n:
+            return 0.0
+        if n > self.capacity:  # a tensor larger than the kept buffer: its own destination, touched before the copy
+            dst = torch.empty_like(tensor, memory_format=torch.contiguous_format).zero_()
+        else:
+            flat = self.buffers.get(0, self.capacity, tensor.device)
+            if self.offset + n > flat.numel():
+                self.offset = 0
+            dst = _typed(flat, self.offset, tensor.dtype, tensor.shape)
+            self.offset += -(-n // ALIGN) * ALIGN
+        if tensor.is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(tensor)
+        if tensor.is_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        self.seconds += dt
+        return dt
+
+    def reset(self) -> None:
+        self.offset, self.seconds = 0, 0.0
+
+
 @dataclass
 class SendStats:
     bytes: int = 0
     tensors: int = 0
     buckets: int = 0
-    seconds: float = 0.0  # the send loop, raw copies excluded
-    raw_copy_seconds: float = 0.0  # a plain in-process copy of the same tensors
-
-
-def _raw_copy_time(tensor: Any) -> float:
-    """Seconds of one in-process copy of ``tensor`` (the baseline a transfer is
-    compared with; the scratch allocation is not timed)."""
-    import torch
-
-    scratch = torch.empty_like(tensor)
-    if tensor.is_cuda:
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    scratch.copy_(tensor)
-    if tensor.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
+    seconds: float = 0.0  # the send loop (or, from GlooTrainerTransfer, until every engine holds the weights), raw copies excluded
+    raw_copy_seconds: float = 0.0  # a plain in-process copy of the same tensors (RawCopy)
+    # where ``seconds`` went on the sender: taking tensors from the source (ZeRO-3 gathers), packing
+    # them, waiting for the engines' start, for broadcasts, for the engines' update and finish calls
+    parts: dict = field(default_factory=dict)
 
 
 def send_packed(group: Optional[GlooGroup], pairs: Iterator[tuple[str, Any]], info: dict, bucket_bytes: int,
-                measure_raw_copy: bool = True) -> SendStats:
+                measure_raw_copy: bool = True, *, buffers: Optional[FlatBuffers] = None,
+                raw_copy: Optional[RawCopy] = None, layout: Optional[Layout] = None,
+                before_first_broadcast: Optional[Callable[[], Any]] = None) -> SendStats:
     """Broadcast the tensors of ``pairs`` (in ``info`` order) from rank 0 in
-    flat buckets. ``group=None`` (or a failed group) still drains ``pairs``, so
-    the trainer-side gathers of the other ranks stay aligned; the first error
-    is raised after the drain."""
-    import torch
-
+    flat buckets. Two buffers alternate: bucket k+1 is packed while bucket k
+    travels. ``before_first_broadcast`` runs once, when the first bucket is
+    packed (the trainer waits there for the engines to accept the update).
+    ``group=None`` (or a failed group) still drains ``pairs``, so the
+    trainer-side gathers of the other ranks stay aligned; the first error is
+    raised after the drain."""
     stats = SendStats()
-    plan = bucket_plan(info, bucket_bytes)
+    layout = layout or Layout.of(info, bucket_bytes)
+    buffers = buffers or FlatBuffers()
+    if measure_raw_copy and raw_copy is None:
+        raw_copy = RawCopy(layout.largest)
+    if raw_copy is not None:
+        raw_copy.reset()
     index_of = {name: i for i, name in enumerate(info["names"])}
     error: Optional[BaseException] = None
-    t0 = time.perf_counter()
+    pending: list = [None, None]
+    gate = before_first_broadcast
+    parts = dict(source=0.0, pack=0.0, start_wait=0.0, broadcast_wait=0.0)
+    clock = time.perf_counter
+    t0 = clock()
     it = iter(pairs)
-    for bucket in plan:
-        sizes = [tensor_nbytes(info["dtype_names"][i], info["shapes"][i]) for i in bucket]
-        flat = torch.empty(sum(sizes), dtype=torch.uint8) if group is not None else None
-        offset = 0
-        for i, n in zip(bucket, sizes):
+
+    def settle(slot: int) -> None:
+        nonlocal error
+        work, pending[slot] = pending[slot], None
+        if work is not None:
+            t = clock()
+            try:
+                work.wait()
+            except BaseException as e:  # keep draining: the other ranks are still gathering
+                error = error or e
+            parts["broadcast_wait"] += clock() - t
+
+    for b, bucket in enumerate(layout.buckets):
+        slot = b % 2
+        sending = group is not None and error is None
+        if sending:
+            settle(slot)  # this buffer's previous bucket has left
+            sending = error is None
+        flat = buffers.get(slot, bucket.nbytes) if sending else None
+        for i, offset, n in bucket.items:
+            t = clock()
             name, tensor = next(it)
+            parts["source"] += clock() - t
             if index_of.get(name) != i:
                 raise ValueError(f"weight source yielded '{name}' where the metadata has '{info['names'][i]}'")
-            if measure_raw_copy:
-                stats.raw_copy_seconds += _raw_copy_time(tensor.detach())
+            tensor = tensor.detach()
+            if raw_copy is not None:
+                raw_copy.copy(tensor)
             if flat is not None and n:
-                src = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-                flat[offset:offset + n].copy_(src.cpu() if src.device.type != "cpu" else src)
-            offset += n
+                t = clock()
+                _typed(flat, offset, tensor.dtype, tensor.shape).copy_(tensor)
+                parts["pack"] += clock() - t
             stats.tensors += 1
-        if group is not None and error is None:
+        if gate is not None:
+            gate, run_gate = None, gate
+            t = clock()
             try:
-                group.broadcast(flat, src=0)
+                run_gate()
+            except BaseException as e:
+                error = error or e
+            parts["start_wait"] += clock() - t
+        if flat is not None and error is None:
+            try:
+                pending[slot] = group.broadcast(flat, src=0, wait=False)
                 stats.buckets += 1
-                stats.bytes += offset
-            except BaseException as e:  # keep draining: the other ranks are still gathering
+                stats.bytes += sum(n for _, _, n in bucket.items)
+            except BaseException as e:
                 error = e
+    if gate is not None:  # an update without tensors
+        try:
+            gate()
+        except BaseException as e:
+            error = error or e
+    for slot in range(len(pending)):
+        settle(slot)
     for _ in it:  # a source longer than its metadata
         raise ValueError("weight source yielded more tensors than its metadata lists")
-    stats.seconds = time.perf_counter() - t0 - stats.raw_copy_seconds
+    stats.raw_copy_seconds = raw_copy.seconds if raw_copy is not None else 0.0
+    stats.seconds = clock() - t0 - stats.raw_copy_seconds
+    stats.parts = parts
     if error is not None:
         raise error
     return stats
 
 
 def receive_packed(group: GlooGroup, info: dict, bucket_bytes: int,
-                   load: Callable[[list[tuple[str, Any]]], Any]) -> int:
-    """Receive the buckets :func:`send_packed` broadcasts and hand each
-    bucket's tensors to ``load([(name, tensor)])``; returns the bytes received."""
+                   load: Callable[[list[tuple[str, Any]]], Any], *, buffers: Optional[FlatBuffers] = None,
+                   layout: Optional[Layout] = None) -> int:
+    """Receive the buckets :func:`send_packed` broadcasts into two reused flat
+    buffers (bucket k+1 is already on its way while bucket k is loaded) and
+    hand each bucket's tensors, views of the buffer, to ``load([(name,
+    tensor)])``, which copies them into the model; returns the bytes received."""
     import torch
 
+    layout = layout or Layout.of(info, bucket_bytes)
+    buffers = buffers or FlatBuffers()
+    buckets = layout.buckets
+    posted: dict[int, tuple] = {}
+
+    def post(b: int) -> None:
+        flat = buffers.get(b % 2, buckets[b].nbytes)
+        posted[b] = (flat, group.broadcast(flat, src=0, wait=False))
+
     received = 0
-    for bucket in bucket_plan(info, bucket_bytes):
-        sizes = [tensor_nbytes(info["dtype_names"][i], info["shapes"][i]) for i in bucket]
-        flat = torch.empty(sum(sizes), dtype=torch.uint8)
-        group.broadcast(flat, src=0)
-        weights, offset = [], 0
-        for i, n in zip(bucket, sizes):
-            dtype = getattr(torch, info["dtype_names"][i])
-            weights.append((info["names"][i], flat[offset:offset + n].view(dtype).reshape(info["shapes"][i])))
-            offset += n
+    if buckets:
+        post(0)
+    for b, bucket in enumerate(buckets):
+        if b + 1 < len(buckets):
+            post(b + 1)  # into the buffer bucket k-1 was loaded from
+        flat, work = posted.pop(b)
+        work.wait()
+        weights = [(info["names"][i], _typed(flat, offset, getattr(torch, info["dtype_names"][i]), info["shapes"][i]))
+                   for i, offset, _ in bucket.items]
         load(weights)
-        received += offset
+        received += sum(n for _, _, n in bucket.items)
     return received
 
 
@@ -233,10 +398,13 @@ class GlooReceiver:
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
         self.active = False
         self.last_info: Optional[dict] = None
+        self.layout: Optional[Layout] = None
+        self.buffers = FlatBuffers()
 
     def init_transfer_engine(self, init_info: dict) -> None:
         self.shutdown()
         self.bucket_bytes = int(init_info.get("bucket_bytes", DEFAULT_BUCKET_BYTES))
+        self.last_info = self.layout = None
         self.group = GlooGroup(init_info["master_address"], init_info["master_port"], int(init_info["rank_offset"]),
                                int(init_info["world_size"]), float(init_info.get("timeout_s", DEFAULT_TIMEOUT_S)))
 
@@ -251,11 +419,14 @@ class GlooReceiver:
         if not self.active:
             raise RuntimeError("start_weight_update must come before update_weights")
         if info.get("names"):
+            if info != self.last_info:
+                self.layout = Layout.of(info, self.bucket_bytes)
             self.last_info = info
         elif self.last_info is None:
             raise RuntimeError("an update without metadata needs an earlier one with it")
         try:
-            return receive_packed(self.group, self.last_info, self.bucket_bytes, self.load)
+            return receive_packed(self.group, self.last_info, self.bucket_bytes, self.load, buffers=self.buffers,
+                                  layout=self.layout)
         except BaseException:
             self.active = False
             raise
@@ -277,10 +448,15 @@ class GlooTrainerTransfer:
     the group with the engines, the others only take part in the gathers),
     then ``send_weights`` on every rank for each update."""
 
-    def __init__(self, client: Optional[WeightClient], source: Any, rank: int, bucket_bytes: int):
+    def __init__(self, client: Optional[WeightClient], source: Any, rank: int, bucket_bytes: int,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
         self.client, self.source, self.rank, self.bucket_bytes = client, source, rank, bucket_bytes
+        self.timeout_s = timeout_s
         self.group: Optional[GlooGroup] = None
         self.sent_info: Optional[dict] = None
+        self.layout: Optional[Layout] = None
+        self.buffers = FlatBuffers()
+        self.raw_copy: Optional[RawCopy] = None
 
     @property
     def is_sender(self) -> bool:
@@ -291,10 +467,11 @@ class GlooTrainerTransfer:
         """``init_info``: master_address, master_port, world_size (trainer +
         every engine worker), rank (this learner rank), optional bucket_bytes
         and timeout_s."""
-        engine = cls(client, source, int(init_info["rank"]), int(init_info.get("bucket_bytes", DEFAULT_BUCKET_BYTES)))
+        timeout_s = float(init_info.get("timeout_s", DEFAULT_TIMEOUT_S))
+        engine = cls(client, source, int(init_info["rank"]), int(init_info.get("bucket_bytes", DEFAULT_BUCKET_BYTES)),
+                     timeout_s)
         if not engine.is_sender:
             return engine
-        timeout_s = float(init_info.get("timeout_s", DEFAULT_TIMEOUT_S))
         payload = {"master_address": init_info["master_address"], "master_port": int(init_info["master_port"]),
                    "rank_offset": 1, "world_size": int(init_info["world_size"]), "bucket_bytes": engine.bucket_bytes,
                    "timeout_s": timeout_s}
@@ -307,25 +484,56 @@ class GlooTrainerTransfer:
         return engine
 
     def send_weights(self, weight_version: Optional[str] = None) -> SendStats:
-        meta = list(self.source.metadata)
-        info = update_info(meta)
+        """One update. On rank 0 the engines' ``start`` and ``update`` calls
+        run in a thread while this one gathers and packs the first bucket; the
+        first broadcast waits for ``start`` to succeed. ``seconds`` runs from
+        the ``start`` call until every engine acknowledged ``finish`` (the
+        weights arrived and are in use), the raw-copy baseline excluded."""
+        import threading
+
+        info = update_info(self.source.metadata)
+        if info != self.sent_info or self.layout is None:
+            self.layout = Layout.of(info, self.bucket_bytes)
         if not self.is_sender:
-            return send_packed(None, self.source.iter_full(), info, self.bucket_bytes, measure_raw_copy=False)
+            return send_packed(None, self.source.iter_full(), info, self.bucket_bytes, measure_raw_copy=False,
+                               layout=self.layout)
+        if self.raw_copy is None or self.raw_copy.capacity < self.layout.largest:
+            self.raw_copy = RawCopy(self.layout.largest)
         message = {"names": [], "dtype_names": [], "shapes": []} if info == self.sent_info else info
-        try:
-            self.client.start_weight_update()
-        except BaseException:
-            # the other ranks are already gathering layer by layer: take part, then fail
-            send_packed(None, self.source.iter_full(), info, self.bucket_bytes, measure_raw_copy=False)
-            raise
+        t0 = time.perf_counter()
+        started = threading.Event()
+        refused: list[BaseException] = []
+
+        def engines() -> None:
+            try:
+                self.client.start_weight_update()
+            except BaseException as e:
+                refused.append(e)
+                raise
+            finally:
+                started.set()
+            self.client.update_weights(message)  # the engines receive while we send
+
+        def wait_started() -> None:
+            if not started.wait(self.timeout_s):
+                raise TimeoutError(f"the engines did not accept the update within {self.timeout_s:.0f}s")
+            if refused:
+                raise refused[0]
+
         pool = ThreadPoolExecutor(max_workers=1)
         try:
-            received = pool.submit(self.client.update_weights, message)  # the engines receive while we send
-            stats = send_packed(self.group, self.source.iter_full(), info, self.bucket_bytes)
+            received = pool.submit(engines)
+            stats = send_packed(self.group, self.source.iter_full(), info, self.bucket_bytes, buffers=self.buffers,
+                                raw_copy=self.raw_copy, layout=self.layout, before_first_broadcast=wait_started)
+            t = time.perf_counter()
             received.result()
+            stats.parts["update_wait"] = time.perf_counter() - t
         finally:
             pool.shutdown(wait=False)  # never wait on a peer stuck in a collective
+        t = time.perf_counter()
         self.client.finish_weight_update(weight_version)
+        stats.parts["finish"] = time.perf_counter() - t
+        stats.seconds = time.perf_counter() - t0 - stats.raw_copy_seconds
         self.sent_info = info
         return stats
 

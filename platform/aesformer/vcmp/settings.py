@@ -13,6 +13,10 @@ class PoolConfig:
     """One actor pool of a model-heavy stage."""
 
     size: int = 1
+    # grow to this many actors while its input queues (null: always `size`); a
+    # second actor near the end of a run keeps a core from idling while one actor
+    # works off the last videos
+    max_size: Optional[int] = None
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     # rows (videos or segments) per call
