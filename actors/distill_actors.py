@@ -104,21 +104,29 @@ def measure_remote(poor: bytes, good: bytes, max_side: int) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def measure_many(pairs: Sequence[tuple[bytes, bytes]], max_side: int) -> list[dict]:
-    """Measure pairs as parallel Ray tasks."""
-    return ray.get([measure_remote.remote(p, g, max_side) for p, g in pairs])
+def measure_many(pairs: Sequence[tuple[bytes, bytes]], max_side: int, timeout: float = 600.0) -> list[dict]:
+    """Measure pairs as parallel Ray tasks (at most ``timeout`` seconds for all)."""
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        return ray.get([measure_remote.remote(p, g, max_side) for p, g in pairs], timeout=timeout)
+    except GetTimeoutError:
+        raise TimeoutError(f"measuring {len(pairs)} pairs (tasks measure_remote) did not finish within "
+                           f"{timeout:.0f}s") from None
 
 
 # -- the driver's side ----------------------------------------------------------------
 
-def vlm_pool(model_path: str, c: LocalModelConfig, role: str, threads: int = 1) -> ResilientPool:
-    """``c.num_actors`` :class:`VLMWorker` actors on a placement group."""
+def vlm_pool(model_path: str, c: LocalModelConfig, role: str, threads: int = 1,
+             timeouts: Optional[dict] = None) -> ResilientPool:
+    """``c.num_actors`` :class:`VLMWorker` actors on a placement group;
+    ``timeouts``: the pool's ``ready_timeout`` and ``call_timeout``."""
     import dataclasses
 
     config = dataclasses.asdict(c)
     return ResilientPool(run_tag(f"distill-{role}"), VLMWorker, c.num_actors, {"CPU": c.num_cpus, "GPU": c.num_gpus},
                      lambda i: (model_path, c.engine, config),
-                     env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+                     env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}, **(timeouts or {}))
 
 
 class LocalChat:
@@ -164,8 +172,9 @@ class LocalChat:
 class WhisperPool:
     """Whisper actors, started on first use."""
 
-    def __init__(self, model_path: str, c: Any, threads: int = 1):
+    def __init__(self, model_path: str, c: Any, threads: int = 1, timeouts: Optional[dict] = None):
         self.model_path, self.c, self.threads = model_path, c, threads
+        self.timeouts = dict(timeouts or {})
         self.pool: Optional[ResilientPool] = None
 
     def transcribe(self, items: Sequence[tuple[str, float, float]]) -> list[dict]:
@@ -175,7 +184,8 @@ class WhisperPool:
             self.pool = ResilientPool(run_tag("distill-asr"), WhisperWorker, self.c.num_actors,
                                   {"CPU": self.c.num_cpus, "GPU": self.c.num_gpus},
                                   lambda i: (self.model_path, self.c.language, self.c.max_new_tokens),
-                                  env={"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)})
+                                  env={"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)},
+                                  **self.timeouts)
         size = max(1, self.c.batch_size)
         chunks = [(list(items[i:i + size]),) for i in range(0, len(items), size)]
         return [r for part in self.pool.map("transcribe", chunks) for r in part]
@@ -198,8 +208,9 @@ class Backends:
     """Builds and owns the job's model backends; shares a local pool between
     a teacher and a judge that name the same model and engine."""
 
-    def __init__(self, budget: Budget, cache_dir: Optional[str], threads: int = 1):
+    def __init__(self, budget: Budget, cache_dir: Optional[str], threads: int = 1, timeouts: Optional[dict] = None):
         self.budget, self.cache_dir, self.threads = budget, cache_dir, threads
+        self.timeouts = dict(timeouts or {})  # each pool's ready_timeout and call_timeout
         self._pools: dict[tuple, LocalChat] = {}
 
     def local(self, c: LocalModelConfig, default_model: str, role: str, config_key: str) -> LocalChat:
@@ -211,7 +222,7 @@ class Backends:
         path = resolve_model(name, self.cache_dir, config_key=config_key)
         key = (path, tuple(sorted((k, v) for k, v in dataclasses.asdict(c).items() if k != "model")))
         if key not in self._pools:
-            self._pools[key] = vlm_pool(path, c, role, self.threads)
+            self._pools[key] = vlm_pool(path, c, role, self.threads, self.timeouts)
         return LocalChat(self._pools[key], name, c, self.budget, role)
 
     def shutdown(self) -> None:

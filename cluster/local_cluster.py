@@ -218,6 +218,19 @@ class LocalCluster:
         return subprocess.run(["nsenter", f"--mount=/proc/{self.node_pid(name)}/ns/mnt"] + cmd,
                               capture_output=True, text=True, **kwargs)
 
+    def processes(self, name: str, pattern: str) -> list[int]:
+        """PIDs of the processes inside node ``name``'s mount namespace whose
+        command line contains ``pattern`` (e.g. a Ray worker's ``ray::RayTrainWorker``)."""
+        import psutil
+
+        ns = os.readlink(f"/proc/{self.node_pid(name)}/ns/mnt")
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if pattern in " ".join(p.info["cmdline"] or []) and os.readlink(f"/proc/{p.pid}/ns/mnt") == ns:
+                    found.append(p.pid)
+        return found
+
     def kill_node(self, name: str) -> None:
         """Lose node ``name`` at once: SIGKILL its raylet, workers and agents (its process group)."""
         proc = self.procs[name]
@@ -227,6 +240,19 @@ class LocalCluster:
         _kill_marked(f"{self.marker}-{name}")
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
+
+    def restart_node(self, name: str, timeout: float = 300) -> None:
+        """Bring a lost worker node back (a new node with the same name,
+        resources and an empty private disk), as a cluster manager replaces
+        a failed machine; waits until it has registered."""
+        if name not in self.lost:
+            raise ValueError(f"node {name} is not lost")
+        old = self.root / f"{name}.log"
+        if old.exists():
+            os.replace(old, self.root / f"{name}.lost-{len(list(self.root.glob(f'{name}.lost-*')))}.log")
+        self.lost.discard(name)
+        order = list(self.procs)
+        self._with_retries(name, lambda: self._start_worker(name, self.workers[name]), order.index(name) + 1, timeout)
 
     # -- stop ------------------------------------------------------------------------------
     def stop(self) -> None:

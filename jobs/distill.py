@@ -76,6 +76,45 @@ def check_config(cfg: DistillConfig) -> Path:
     return find_dataset(cfg.input, "input")
 
 
+def pool_asks(cfg: DistillConfig) -> tuple[list, dict]:
+    """The actor pools this run starts (local teacher, local judge, speech
+    recognition) and the models they load (config key → name)."""
+    import dataclasses
+
+    from aesformer.placement import PoolAsk
+
+    asks, models, local = [], {}, {}
+    if cfg.teacher.kind == "local":
+        local["teacher"] = (cfg.teacher.local, cfg.teacher.local.model or cfg.models.thinker, "teacher.local.model")
+    if cfg.validator.judge == "local":
+        local["judge"] = (cfg.validator.local, cfg.validator.local.model or cfg.models.judge, "validator.local.model")
+    seen = set()
+    for role, (c, model, key) in local.items():
+        same = (model, tuple(sorted((k, v) for k, v in dataclasses.asdict(c).items() if k != "model")))
+        models[key] = model
+        if same not in seen:  # a teacher and a judge with the same model and settings share one pool
+            seen.add(same)
+            asks.append(PoolAsk(role, c.num_actors, {"CPU": c.num_cpus, "GPU": c.num_gpus}))
+    t = cfg.transcript
+    if t.enabled and t.asr:
+        asks.append(PoolAsk("transcript", t.num_actors, {"CPU": t.num_cpus, "GPU": t.num_gpus}))
+        models["transcript.model"] = t.model
+    return asks, models
+
+
+def check_cluster(cfg: DistillConfig, ray) -> None:
+    """The pools fit the cluster and every node has their models, before any loads."""
+    from aesformer.models import require_models_on_nodes, resolve_model
+    from aesformer.placement import check_pools
+
+    asks, models = pool_asks(cfg)
+    if asks:
+        check_pools(ray, asks, "distill")
+    if models:
+        require_models_on_nodes(ray, {key: resolve_model(name, cfg.models.cache_dir, key)
+                                      for key, name in models.items()})
+
+
 def chunks(rows: Iterator[dict], size: int, limit: Optional[int]) -> Iterator[list[dict]]:
     batch, seen = [], 0
     for row in rows:
@@ -107,11 +146,12 @@ def run(cfg: DistillConfig) -> dict:
     storage.check_across_nodes(cfg, init_ray(cfg.ray))  # on several nodes: no SQLite tracking store
     tracker = Tracker.start(cfg, "distill")
     budget = Budget(cfg.budget.max_requests, cfg.budget.max_tokens)
-    backends = Backends(budget, cfg.models.cache_dir, cfg.ray.worker_threads)
+    timeouts = dict(ready_timeout=cfg.ray.placement_timeout, call_timeout=cfg.ray.call_timeout)
+    backends = Backends(budget, cfg.models.cache_dir, cfg.ray.worker_threads, timeouts)
     cache = PlanCache(_plan_cache(out))
     asr = None
     try:
-        init_ray(cfg.ray)
+        check_cluster(cfg, init_ray(cfg.ray))
         with tracker.phase("start_models"):
             teacher = make_teacher(cfg.teacher, cfg.models, backends)
             validator = make_validator(cfg.validator, cfg.models, backends)
@@ -122,7 +162,7 @@ def run(cfg: DistillConfig) -> dict:
         if cfg.transcript.enabled and cfg.transcript.asr:
             asr_model = cfg.transcript.model
             asr = WhisperPool(resolve_model(asr_model, cfg.models.cache_dir, config_key="transcript.model"),
-                              cfg.transcript, cfg.ray.worker_threads)
+                              cfg.transcript, cfg.ray.worker_threads, timeouts)
 
         total = LoopResult()
         keys: dict[str, dict] = {}  # pair id → {"key", "transcript", "source", "reason"}

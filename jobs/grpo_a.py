@@ -19,7 +19,12 @@ every ``val_every`` steps on the held-out pairs, all of them unless
 ``val_prompts`` caps it (temperature 0.6, top-p 0.95, n=1); checkpoints every
 ``checkpoint_every`` steps (learner weights and optimizer, data position, RNG
 state, step), ``resume=auto`` continues from the newest. A rollout, reward or
-reference actor that dies is replaced and its work retried.
+reference actor that dies (its process or its node) is replaced, on what
+survives, and its work retried. A learner rank that dies takes the group
+down: the run starts the group again from the newest checkpoint within the
+same job (``learner.max_restarts`` times) and redoes the steps since, with
+the same prompts. Each recovery is logged and in ``result.json`` with the
+steps it redid.
 
     python jobs/grpo_a.py profile=tiny
     ray job submit --working-dir . -- python jobs/grpo_a.py data=<AesRecon dir> init=<SFT model dir> output=<dir>
@@ -130,6 +135,9 @@ class LearnerConfig:
     gradient_checkpointing: bool = True
     placement: str = "auto"  # auto: STRICT_PACK (one node) when a node can hold the group, else PACK
     resources: dict = field(default_factory=dict)
+    # a rank lost (its node, its process): the group starts again, wherever the cluster has
+    # room, from the newest checkpoint, this many times in one run
+    max_restarts: int = 2
     sync_bucket_mb: int = 64  # weights travel to the rollout engines in broadcast buckets of this size
 
 
@@ -193,6 +201,8 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError(f"learner.dual_clip must be greater than 1 (or 0 to turn it off), got {ln.dual_clip}")
     if cfg.rollout.n < 2:
         raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
+    if cfg.learner.max_restarts < 0:
+        raise ConfigError(f"learner.max_restarts must be 0 or more, got {cfg.learner.max_restarts}")
     if cfg.learner.placement not in STRATEGIES:
         raise ConfigError(f"learner.placement must be one of {', '.join(STRATEGIES)}, got '{cfg.learner.placement}'")
     checkpoints.check_resume(cfg.resume)
@@ -387,8 +397,10 @@ class Trainer:
 
         self.cfg = cfg
         self.tag = run_tag("grpo_a")
+        self.policy = policy
         self.pools: list = []
         self.learner = None
+        self.learner_starts = 0
         try:
             self._start(policy, judge)
         except BaseException:
@@ -396,7 +408,6 @@ class Trainer:
             raise
 
     def _start(self, policy: str, judge: Optional[str]) -> None:
-        from aesformer.actors.learner import LearnerWorker
         from aesformer.actors.pool import ResilientPool
         from aesformer.actors.reference import ReferenceWorker
         from aesformer.actors.reward import RewardWorker
@@ -410,26 +421,8 @@ class Trainer:
         self.syncing = False
         self.transfer_groups = 0  # groups opened (a replaced rollout actor needs a new one)
         timeouts = dict(ready_timeout=cfg.ray.placement_timeout, call_timeout=cfg.ray.call_timeout)
-        # the learner group first (its placement is the hardest): one placement group,
-        # rank 0 hosts the process group
-        update_seqs = cfg.prompts_per_update * ro.n
-        per_rank = math.ceil(update_seqs / ln.workers)
-        settings = dict(zero_stage=ln.zero_stage, bf16=ln.bf16, lr=ln.lr, weight_decay=ln.weight_decay,
-                        grad_clip=ln.grad_clip, micro_batch=ln.micro_batch,
-                        grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio_low=ln.clip_ratio_low,
-                        clip_ratio_high=ln.clip_ratio_high, dual_clip=ln.dual_clip,
-                        kl_coef=ln.kl_coef, kl_estimator=ln.kl_estimator, loss_agg=ln.loss_agg,
-                        freeze_vision=ln.freeze_vision, gradient_checkpointing=ln.gradient_checkpointing,
-                        temperature=ro.temperature, max_pixels=ro.max_pixels,
-                        ratio_base="rollout" if ro.async_ else "learner")
-        self.learner = ResilientPool(f"{self.tag}-learner", LearnerWorker, ln.workers,
-                                 {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker, **ln.resources},
-                                 lambda i: (i, ln.workers, policy, settings), strategy=ln.placement, max_restarts=0,
-                                 **timeouts)
-        master = self.learner.get(self.learner.actors[0].address.remote(), "address")
-        info = self.learner.get_all("setup", *master)
-        log.info("learner group ready: %d workers, %s trainable parameters", ln.workers,
-                 f"{info[0]['trainable_parameters']:,}")
+        # the learner group first (its placement is the hardest)
+        self._start_learner()
         max_len = ro.max_prompt_tokens + ro.max_tokens
         rollout_opts = dict(dtype=ro.dtype, max_pixels=ro.max_pixels, tensor_parallel_size=ro.tensor_parallel,
                             gpu_memory_utilization=ro.gpu_memory_utilization, max_model_len=max_len,
@@ -459,6 +452,71 @@ class Trainer:
                                                   ref.micro_batch, ro.max_pixels), **timeouts)
             self.pools.append(self.reference)
 
+    def _start_learner(self) -> None:
+        """The learner group: one placement group (rank 0 hosts the process
+        group), every rank set up from ``self.policy``."""
+        from aesformer.actors.learner import LearnerWorker
+        from aesformer.actors.pool import ResilientPool
+
+        cfg = self.cfg
+        ro, ln = cfg.rollout, cfg.learner
+        update_seqs = cfg.prompts_per_update * ro.n
+        per_rank = math.ceil(update_seqs / ln.workers)
+        settings = dict(zero_stage=ln.zero_stage, bf16=ln.bf16, lr=ln.lr, weight_decay=ln.weight_decay,
+                        grad_clip=ln.grad_clip, micro_batch=ln.micro_batch,
+                        grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio_low=ln.clip_ratio_low,
+                        clip_ratio_high=ln.clip_ratio_high, dual_clip=ln.dual_clip,
+                        kl_coef=ln.kl_coef, kl_estimator=ln.kl_estimator, loss_agg=ln.loss_agg,
+                        freeze_vision=ln.freeze_vision, gradient_checkpointing=ln.gradient_checkpointing,
+                        temperature=ro.temperature, max_pixels=ro.max_pixels,
+                        ratio_base="rollout" if ro.async_ else "learner")
+        self.learner = ResilientPool(f"{self.tag}-learner{self.learner_starts or ''}", LearnerWorker, ln.workers,
+                                     {"CPU": ln.cpus_per_worker, "GPU": ln.gpus_per_worker, **ln.resources},
+                                     lambda i: (i, ln.workers, self.policy, settings), strategy=ln.placement,
+                                     max_restarts=0, ready_timeout=cfg.ray.placement_timeout,
+                                     call_timeout=cfg.ray.call_timeout)
+        self.learner_starts += 1
+        master = self.learner.get(self.learner.actors[0].address.remote(), "address")
+        info = self.learner.get_all("setup", *master)
+        log.info("learner group ready: %d workers, %s trainable parameters, on %s", ln.workers,
+                 f"{info[0]['trainable_parameters']:,}", ", ".join(map(str, self.learner.nodes() or ["?"])))
+
+    def restart_learner(self, reason: str) -> None:
+        """Start the learner group again (a rank was lost): the old group and
+        its placement go, a new group is placed wherever the cluster has room
+        (at most ``ray.placement_timeout`` seconds) and set up from the
+        starting policy; calls still pending on any pool are dropped, and the
+        next sync opens a new transfer group with every engine."""
+        log.warning("learner group lost (%s); starting it again", reason[:300])
+        if self.learner is not None:
+            self.learner.shutdown()
+            self.learner = None
+        for pool in self.pools:
+            pool.forget()
+        self.transfer_members = None
+        self.weights_version = 0
+        self._start_learner()
+
+    def learner_lost(self) -> bool:
+        """Whether a learner rank is dead or stuck (does not answer)."""
+        return self.learner is None or bool(_dead(list(self.learner.actors)))
+
+    def restore(self, folder: Path, state: dict) -> str:
+        """Load a checkpoint into the learner group, check its weights against
+        the ones saved, and send them to the engines; returns their checksum."""
+        self.learner.get_all("load", str(folder))
+        checksum = self.learner.get_all("checksum")[0]
+        if state.get("weights_sha256") and checksum != state["weights_sha256"]:
+            raise RuntimeError(f"the weights loaded from {folder} differ from the ones saved there")
+        self.learner.get_all("set_version", state["step"])
+        self.sync(state["step"])
+        return checksum
+
+    def placement(self) -> dict:
+        """The node of every actor of every pool, as Ray placed them now."""
+        return {name: pool.nodes() for name, pool in
+                [("learner", self.learner)] + [(p.name.rsplit("-", 1)[-1], p) for p in self.pools] if pool}
+
     def shutdown(self) -> None:
         for pool in self.pools + ([self.learner] if self.learner else []):
             pool.shutdown()
@@ -466,24 +524,20 @@ class Trainer:
     # -- weights ----------------------------------------------------------------------------
     def _open_transfer(self, actors: list) -> None:
         """A new transfer group: learner rank 0 and the engines of ``actors``."""
-        import ray
-
-        sizes = ray.get([a.transfer_world_size.remote() for a in actors], timeout=600)
-        ray.get(self.learner.call_all("init_transfer", actors, sizes, self.cfg.learner.sync_bucket_mb << 20),
-                timeout=900)
+        sizes = self.rollout.get([a.transfer_world_size.remote() for a in actors], "transfer_world_size", 600)
+        self.learner.get(self.learner.call_all("init_transfer", actors, sizes, self.cfg.learner.sync_bucket_mb << 20),
+                         "init_transfer", 900)
         self.transfer_groups += 1
 
     def _rejoin(self, actor: Any) -> None:
         """A replacement rollout actor loaded the starting policy from disk: it
         joins a transfer group of its own and receives the learner's current
         weights; the next sync opens a group with every engine again."""
-        import ray
-
         if self.syncing or self.weights_version == 0:
             return  # a sync in progress reopens the group itself; version 0 is what it loaded
         self.transfer_members = None
         self._open_transfer([actor])
-        ray.get(self.learner.call_all("send_weights", None), timeout=900)
+        self.learner.get(self.learner.call_all("send_weights", None), "send_weights", 900)
 
     def sync(self, version: int) -> dict:
         """Send the learner's weights (tagged ``version``) to every rollout
@@ -491,8 +545,6 @@ class Trainer:
         changed. A rollout actor that dies meanwhile is replaced and the sync
         retried once. Returns bytes, tensors, the send's seconds and the
         seconds of a raw in-process copy of the same tensors."""
-        import ray
-
         from aesformer.cluster import object_store_created_bytes
 
         created = after = None
@@ -514,7 +566,7 @@ class Trainer:
                     t = clock()
                     created = object_store_created_bytes()  # around the send itself, not restarts
                     t1 = clock()
-                    stats = ray.get(self.learner.call_all("send_weights", version), timeout=900)[0]
+                    stats = self.learner.get(self.learner.call_all("send_weights", version), "send_weights", 900)[0]
                     t2 = clock()
                     after = object_store_created_bytes()
                     driver["driver_store"] += (t1 - t) + (clock() - t2)
@@ -748,12 +800,7 @@ def run(cfg: GrpoAConfig) -> dict:
     try:
         trainer = Trainer(cfg, policy, judge)
         if resume_dir is not None:
-            trainer.learner.get_all("load", str(resume_dir))
-            checksum = trainer.learner.get_all("checksum")[0]
-            if state.get("weights_sha256") and checksum != state["weights_sha256"]:
-                raise RuntimeError(f"the weights loaded from {resume_dir} differ from the ones saved there")
-            ray.get(trainer.learner.call_all("set_version", state["step"]))
-            trainer.sync(state["step"])
+            checksum = trainer.restore(resume_dir, state)
             result.update(resumed_from=str(resume_dir), resumed_weights_sha256=checksum)
             log.info("resumed from %s: step %d, data position %d", resume_dir, start_step, position)
         sampling = {"n": cfg.rollout.n, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
@@ -784,87 +831,125 @@ def run(cfg: GrpoAConfig) -> dict:
         run_steps, last_step = 0, start_step - 1
         t_run = time.perf_counter()
         ahead: Optional[dict] = None  # rollout.async: the next step's samples, from the weights before this update
+        recoveries: list[dict] = []  # learner group restarts
+        in_progress = start_step
         steps_bar = Progress("grpo_a", total_steps, "steps", start=start_step - 1)
-        for step in range(start_step, total_steps + 1):
-            t_step = time.perf_counter()
-            current = ahead or rollout_step(position, int(rng.integers(2 ** 31)))
-            ahead = None
-            ids, samples, times = current["ids"], current["samples"], dict(current["times"])
-            position += cfg.prompts_per_step
-            last_step = step
-            rng_state = rng.bit_generator.state  # what a checkpoint of this step resumes from
-            if samples is None:
-                log.warning("step %d: every prompt was quarantined (see quarantine.jsonl); skipping it", step)
-                continue
-            t = time.perf_counter()
-            started = trainer.start_update(samples, step)
-            if cfg.rollout.async_ and step < total_steps and not (cfg.stop_after is not None
-                                                                  and run_steps + 1 >= cfg.stop_after):
-                # step k+1's rollout on the engines' weights while the learner updates on step k
-                ahead = rollout_step(position, int(rng.integers(2 ** 31)))
-                times["overlapped_rollout"] = ahead["times"].get("generate_and_score", 0.0)
-            metrics = trainer.finish_update(started)
-            times["update"] = time.perf_counter() - t
-            sync = {"bytes": 0, "tensors": 0, "seconds": 0.0, "raw_copy_seconds": 0.0, "object_store_bytes": 0}
-            t = time.perf_counter()
-            if cfg.sync_every and step % cfg.sync_every == 0:
-                sync = trainer.sync(step)
-            # the sync phase's wall time without the raw copy it timed alongside; within it,
-            # the time the weights took to arrive (learner rank 0: the engines' start call to
-            # their finish) and the raw in-process copy of the same tensors it is compared with
-            times["sync"] = time.perf_counter() - t - sync["raw_copy_seconds"]
-            times["sync_transfer"] = sync["seconds"]
-            times["sync_raw_copy"] = sync["raw_copy_seconds"]
-            times.update({f"sync_{k}": v for k, v in sync.get("parts", {}).items()})
-            times["step"] = time.perf_counter() - t_step
-            versions = [s["weight_version"] for s in samples]
-            metrics.update(reward_metrics(samples))
-            metrics.update({f"time/{k}": v for k, v in times.items()})
-            metrics.update({"weight_sync_bytes": sync["bytes"], "weight_sync_object_store_bytes": sync["object_store_bytes"],
-                            "transfer_bytes": current["transfer_bytes"],
-                            "prompt_image_bytes": current["image_bytes"],
-                            "weight_version_mean": float(np.mean(versions)),
-                            "weight_staleness_max": float(max(step - 1 - v for v in versions)),
-                            "weight_transfer_groups": trainer.transfer_groups,
-                            "epoch": position / max(1, len(train)),
-                            "restarts": sum(p.restarts for p in trainer.pools)})
-            if cfg.val_every and step % cfg.val_every == 0 and len(val):
-                metrics.update(validate(trainer, val, cfg))
-            tracker.log_metrics(metrics, step=step)
-            best = max(samples, key=lambda x: x["reward"])
-            record = {"step": step, "prompt_ids": ids, **metrics, "weight_versions": versions,
-                      "best_sample": best["text"][:2000]}
-            steps_log.write(record)
-            eta = (time.perf_counter() - t_run) / (run_steps + 1) * (total_steps - step)
-            log.info("step %d/%d reward %.3f format %.2f kl %.4f mismatch %.2e step %.1fs (eta %.0fs)", step,
-                     total_steps, metrics["reward_mean"], metrics["format_rate"], metrics["kl"],
-                     metrics["logprob_mismatch"], times["step"], eta, extra=DETAIL)
-            steps_bar.set(step, f"reward {metrics['reward_mean']:.3f}")
-            last = metrics
-            run_steps += 1
-            stopping = cfg.stop_after is not None and run_steps >= cfg.stop_after
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps or stopping:
-                t = time.perf_counter()
-                folder = storage.join(ckpt_root, f"step-{step:06d}")
-                trainer.learner.get_all("save", str(folder), {"step": step})
-                checksum = trainer.learner.get_all("checksum")[0]
-                checkpoints.write_state(folder, {
-                    "step": step, "data_position": position, "rng": rng_state,
-                    "weights_sha256": checksum, "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
-                    "total_steps": total_steps, "time": time.time()})
-                checkpoints.prune(ckpt_root, "step-*", cfg.keep_checkpoints)
-                result.update(checkpoint=str(folder), checkpoint_weights_sha256=checksum)
-                tracker.log_metrics({"time/checkpoint": time.perf_counter() - t}, step=step)
-            if stopping:
-                log.info("stopping after %d steps of this run (stop_after); resume=auto continues at step %d",
-                         run_steps, step + 1)
+        while True:  # until the last step, restarting the learner group when a rank is lost
+            try:
+                for step in range(start_step, total_steps + 1):
+                    in_progress = step
+                    t_step = time.perf_counter()
+                    current = ahead or rollout_step(position, int(rng.integers(2 ** 31)))
+                    ahead = None
+                    ids, samples, times = current["ids"], current["samples"], dict(current["times"])
+                    position += cfg.prompts_per_step
+                    last_step = step
+                    rng_state = rng.bit_generator.state  # what a checkpoint of this step resumes from
+                    if samples is None:
+                        log.warning("step %d: every prompt was quarantined (see quarantine.jsonl); skipping it", step)
+                        continue
+                    t = time.perf_counter()
+                    started = trainer.start_update(samples, step)
+                    if cfg.rollout.async_ and step < total_steps and not (cfg.stop_after is not None
+                                                                          and run_steps + 1 >= cfg.stop_after):
+                        # step k+1's rollout on the engines' weights while the learner updates on step k
+                        ahead = rollout_step(position, int(rng.integers(2 ** 31)))
+                        times["overlapped_rollout"] = ahead["times"].get("generate_and_score", 0.0)
+                    metrics = trainer.finish_update(started)
+                    times["update"] = time.perf_counter() - t
+                    sync = {"bytes": 0, "tensors": 0, "seconds": 0.0, "raw_copy_seconds": 0.0, "object_store_bytes": 0}
+                    t = time.perf_counter()
+                    if cfg.sync_every and step % cfg.sync_every == 0:
+                        sync = trainer.sync(step)
+                    # the sync phase's wall time without the raw copy it timed alongside; within it,
+                    # the time the weights took to arrive (learner rank 0: the engines' start call to
+                    # their finish) and the raw in-process copy of the same tensors it is compared with
+                    times["sync"] = time.perf_counter() - t - sync["raw_copy_seconds"]
+                    times["sync_raw_copy"] = sync["raw_copy_seconds"]
+                    times["sync_transfer"] = sync["seconds"]
+                    times.update({f"sync_{k}": v for k, v in sync.get("parts", {}).items()})
+                    times["step"] = time.perf_counter() - t_step
+                    versions = [s["weight_version"] for s in samples]
+                    metrics.update(reward_metrics(samples))
+                    metrics.update({f"time/{k}": v for k, v in times.items()})
+                    metrics.update({"weight_sync_bytes": sync["bytes"], "weight_sync_object_store_bytes": sync["object_store_bytes"],
+                                    "transfer_bytes": current["transfer_bytes"],
+                                    "prompt_image_bytes": current["image_bytes"],
+                                    "weight_version_mean": float(np.mean(versions)),
+                                    "weight_staleness_max": float(max(step - 1 - v for v in versions)),
+                                    "weight_transfer_groups": trainer.transfer_groups,
+                                    "epoch": position / max(1, len(train)),
+                                    "restarts": sum(p.restarts for p in trainer.pools),
+                                    "learner_restarts": len(recoveries)})
+                    if cfg.val_every and step % cfg.val_every == 0 and len(val):
+                        metrics.update(validate(trainer, val, cfg))
+                    tracker.log_metrics(metrics, step=step)
+                    best = max(samples, key=lambda x: x["reward"])
+                    record = {"step": step, "prompt_ids": ids, **metrics, "weight_versions": versions,
+                              "best_sample": best["text"][:2000], "nodes": trainer.placement()}
+                    steps_log.write(record)
+                    eta = (time.perf_counter() - t_run) / (run_steps + 1) * (total_steps - step)
+                    log.info("step %d/%d reward %.3f format %.2f kl %.4f mismatch %.2e step %.1fs (eta %.0fs)", step,
+                             total_steps, metrics["reward_mean"], metrics["format_rate"], metrics["kl"],
+                             metrics["logprob_mismatch"], times["step"], eta, extra=DETAIL)
+                    steps_bar.set(step, f"reward {metrics['reward_mean']:.3f}")
+                    last = metrics
+                    run_steps += 1
+                    stopping = cfg.stop_after is not None and run_steps >= cfg.stop_after
+                    if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps or stopping:
+                        t = time.perf_counter()
+                        folder = storage.join(ckpt_root, f"step-{step:06d}")
+                        trainer.learner.get_all("save", str(folder), {"step": step})
+                        checksum = trainer.learner.get_all("checksum")[0]
+                        checkpoints.write_state(folder, {
+                            "step": step, "data_position": position, "rng": rng_state,
+                            "weights_sha256": checksum, "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
+                            "total_steps": total_steps, "time": time.time()})
+                        checkpoints.prune(ckpt_root, "step-*", cfg.keep_checkpoints)
+                        result.update(checkpoint=str(folder), checkpoint_weights_sha256=checksum)
+                        tracker.log_metrics({"time/checkpoint": time.perf_counter() - t}, step=step)
+                    if stopping:
+                        log.info("stopping after %d steps of this run (stop_after); resume=auto continues at step %d",
+                                 run_steps, step + 1)
+                        break
                 break
+            except Exception as error:
+                if len(recoveries) >= cfg.learner.max_restarts or not trainer.learner_lost():
+                    raise
+                t = time.perf_counter()
+                trainer.restart_learner(f"step {in_progress}: {type(error).__name__}: {error}")
+                found = checkpoints.newest(ckpt_root, "step-*")
+                rng = np.random.default_rng(cfg.seed)
+                if found is not None:
+                    folder, state = found
+                    trainer.restore(folder, state)
+                    start_step, position = state["step"] + 1, state["data_position"]
+                    rng.bit_generator.state = state["rng"]
+                else:  # lost before the first checkpoint: from the starting policy
+                    folder, start_step, position = None, 1, 0
+                    trainer.sync(0)
+                ahead = None
+                steps_log.keep(lambda record, last=start_step - 1: record["step"] <= last)
+                redone = in_progress - (start_step - 1)
+                recoveries.append({"kind": "learner", "lost_at_step": in_progress,
+                                   "from_checkpoint": str(folder) if folder else None, "steps_redone": redone,
+                                   "seconds": round(time.perf_counter() - t, 1),
+                                   "reason": f"{type(error).__name__}: {str(error)[:300]}",
+                                   "nodes": trainer.learner.nodes()})
+                tracker.log_metrics({"recovery/steps_redone": redone, "recovery/seconds": time.perf_counter() - t,
+                                     "learner_restarts": len(recoveries)}, step=in_progress)
+                log.warning("learner group restarted (%d of at most %d) on %s from %s in %.0fs: steps %d to %d "
+                            "run again, %d step(s) redone", len(recoveries), cfg.learner.max_restarts,
+                            ", ".join(map(str, trainer.learner.nodes() or ["?"])), folder or "the starting policy",
+                            time.perf_counter() - t, start_step, in_progress, redone)
         steps_bar.close()
         finished = last_step == total_steps
         if cfg.export_model and finished:
             result["model"] = trainer.learner.get_all("export", storage.join(out, "model"))[0]
         result.update(steps=run_steps, last_step=last_step, total_steps=total_steps,
-                      metrics=last, finished=finished, restarts=sum(p.restarts for p in trainer.pools))
+                      metrics=last, finished=finished, restarts=sum(p.restarts for p in trainer.pools),
+                      recoveries=recoveries + [{"kind": "pool", "steps_redone": 0, **e}
+                                               for p in trainer.pools for e in p.events])
         storage.write_json(storage.join(out, "result.json"), {k: v for k, v in result.items()})
         tracker.close()
         return result

@@ -165,6 +165,22 @@ def write_contact_sheet(items: list[dict], done: dict[str, dict], path: Path, ma
     return contact_sheet(rows, path, max_pairs=max_rows, labels=("input", "output")) if rows else None
 
 
+def check_cluster(cfg: ReconstructConfig, ray) -> None:
+    """The thinker and editor pools fit the cluster; on several nodes the
+    output (the editor actors write the images) is a folder every node sees
+    and every node has the models."""
+    from aesformer.models import require_models_on_nodes, resolve_model
+    from aesformer.placement import PoolAsk, check_pools
+    from aesformer.storage import check_across_nodes
+
+    th, ed = cfg.thinker, cfg.editor
+    check_pools(ray, [PoolAsk("thinker", th.pool, {"CPU": th.num_cpus, "GPU": th.num_gpus * th.tensor_parallel}),
+                      PoolAsk("editor", ed.pool, {"CPU": ed.num_cpus, "GPU": ed.num_gpus})], "reconstruct")
+    check_across_nodes(cfg, ray)
+    require_models_on_nodes(ray, {key: resolve_model(name, cfg.models.cache_dir, key) for key, name in
+                                  (("models.thinker", cfg.models.thinker), ("models.editor", cfg.models.editor))})
+
+
 def run(cfg: ReconstructConfig) -> dict:
     """Reconstructs every input photo not yet done; returns counts and paths."""
     import ray
@@ -175,8 +191,8 @@ def run(cfg: ReconstructConfig) -> dict:
     from aesformer.pipeline import render_settings
 
     out = Path(cfg.output)
+    check_cluster(cfg, init_ray(cfg.ray))  # before any model loads or the tracker starts
     with Tracker.start(cfg, "reconstruct") as tracker:
-        init_ray(cfg.ray)
         items = list_inputs(cfg)
         done_before = finished(out)
         todo = [it for it in items if it["name"] not in done_before]

@@ -132,6 +132,37 @@ def ingest(cfg: VcmpConfig, state) -> tuple[list[dict], list[dict], int]:
     return sorted(todo, key=lambda e: e["video_id"]), rejects, listed
 
 
+# -- the cluster ----------------------------------------------------------------------------------
+
+def pool_asks(cfg: VcmpConfig) -> list:
+    """What the model stages' actor pools ask of the cluster (they stream at the same time)."""
+    from aesformer.placement import PoolAsk
+
+    P = cfg.pools
+    stages = ["screen"] + (["pairs"] if cfg.fuse_pair_stages else ["good_frame", "quality", "overlay", "align"])
+    # a pool that may grow asks for its largest size
+    return [PoolAsk(name, max(getattr(P, name).size, getattr(P, name).max_size or 0),
+                    {"CPU": getattr(P, name).num_cpus, "GPU": getattr(P, name).num_gpus})
+            for name in stages]
+
+
+def check_cluster(cfg: VcmpConfig, ray) -> None:
+    """The pools fit the cluster; on several nodes the output and the input
+    are folders every node sees and every node has the models."""
+    from aesformer.models import require_models_on_nodes, resolve_model
+    from aesformer.placement import check_pools
+    from aesformer.storage import check_across_nodes, check_visible
+
+    check_pools(ray, pool_asks(cfg), "vcmp")
+    # no SQLite tracking store, the output shared, and the videos where every node's workers read them
+    check_across_nodes(cfg, ray)
+    check_visible(cfg.input, ray, "input")
+    models = {"models.judge": cfg.models.judge, "models.editor": cfg.models.editor}
+    if cfg.screen_vlm:
+        models["screen_vlm"] = cfg.screen_vlm
+    require_models_on_nodes(ray, {key: resolve_model(name, cfg.models.cache_dir, key) for key, name in models.items()})
+
+
 # -- the streaming pipeline -------------------------------------------------------------------
 
 def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
@@ -220,9 +251,7 @@ def run(cfg: VcmpConfig) -> dict:
     out = cfg.output  # a local folder or a URI (s3://...)
     pairs_dir = storage.join(out, "pairs")
     ray = init_ray(cfg.ray)
-    # on several nodes: no SQLite tracking store, and the videos where every node's workers read them
-    storage.check_across_nodes(cfg, ray)
-    storage.check_visible(cfg.input, ray, "input")
+    check_cluster(cfg, ray)  # before any model loads or the tracker starts
     tracker = Tracker.start(cfg, "vcmp")
     state = RunState(out)
     t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """GRPO-A on the tiny profile, in this process's Ray session: rewards rise,
 the weight sync keeps the rollout engines on the learner's weights (and a
-broken sync shows), a killed rollout actor does not stop the run, and a run
-resumes from its newest checkpoint with the next prompts and the saved weights.
+broken sync shows), a killed rollout actor does not stop the run, a killed
+learner rank restarts the learner group from the newest checkpoint within the
+run, and a run resumes from its newest checkpoint with the next prompts and
+the saved weights.
 
 The policy is the tiny thinker with the plan tokens, briefly fine-tuned by
 plain torch on short plans with random phrases, so that GRPO has a signal to
@@ -252,6 +254,43 @@ def test_a_killed_rollout_actor_is_replaced_and_the_run_completes(ray_session, s
     assert steps[-1]["weight_transfer_groups"] >= 2
     assert max(s["logprob_mismatch"] for s in steps) < 1e-3
     assert all(s["weight_sync_object_store_bytes"] == 0 for s in steps)
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_learner_rank_restarts_the_group_from_the_last_checkpoint_within_the_run(ray_session, small_data,
+                                                                                         sft_policy, tmp_path):
+    import ray
+
+    from aesformer.jobs.grpo_a import Prompts, run
+
+    # steps take about a second once the pools are up: enough of them that the kill lands mid-run
+    cfg = config(tmp_path, small_data, sft_policy, steps=8, checkpoint_every=2)
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(result=run(cfg)), daemon=True)
+    worker.start()
+    state = Path(cfg.output) / "checkpoints" / "step-000002" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not state.exists() and time.time() < deadline and worker.is_alive():
+        time.sleep(0.2)
+    assert state.exists(), "the run wrote no checkpoint"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "-learner-1." in a["name"]]
+    os.kill(ray.get(ray.get_actor(names[0]).pid.remote()), signal.SIGKILL)  # rank 1, a step or two later
+    worker.join(timeout=600)
+    result = box["result"]
+    steps = steps_of(cfg.output)
+    assert result["finished"] and [s["step"] for s in steps] == list(range(1, 9))
+    prompts = Prompts(Path(small_data), "train", cfg.seed, INSTRUCTION, Path(cfg.output) / "q.jsonl")
+    assert [s["prompt_ids"] for s in steps] == [prompts.take(i * 2, 2) for i in range(8)]
+    [recovery] = result["recoveries"]
+    assert recovery["kind"] == "learner"
+    restored = int(Path(recovery["from_checkpoint"]).name.removeprefix("step-"))
+    assert restored in (2, 4, 6) and recovery["steps_redone"] == recovery["lost_at_step"] - restored
+    print(f"learner restarted from {recovery['from_checkpoint']} in {recovery['seconds']}s, "
+          f"steps redone: {recovery['steps_redone']}")
+    assert 1 <= recovery["steps_redone"] <= cfg.checkpoint_every
+    assert steps[-1]["learner_restarts"] == 1
+    # the engines got the checkpoint's weights back, and the redone steps are on-policy
+    assert max(s["logprob_mismatch"] for s in steps) < 1e-3
 
 
 @pytest.mark.timeout(400)

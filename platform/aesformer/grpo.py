@@ -5,13 +5,15 @@ Conventions: per-token tensors have shape [B, T] (B sequences, T response
 positions); ``mask`` is 1 on response tokens that count and 0 on padding.
 Rewards and advantages are per sequence ([B]) unless stated otherwise.
 Everything here is a pure function of tensors; the learner, reference and
-rollout actors call it.
+rollout actors call it. Importing the module does not import torch (a job
+checks the names below in its config before anything heavy loads).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean")
 KL_KINDS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
@@ -26,6 +28,8 @@ def group_advantages(rewards: Any, group_size: int, eps: float = 1e-6, scale: bo
     mean when ``scale`` is False (Dr. GRPO). A group of identical rewards
     gives zeros; a group of one sample gives zero.
     """
+    import torch
+
     r = torch.as_tensor(rewards, dtype=torch.float32).flatten()
     if group_size < 1 or r.numel() % group_size:
         raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
@@ -47,6 +51,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "low_var_
     exp(ref − logp) − (ref − logp) − 1, with ref − logp clamped to [−20, 20]
     and the result to [−10, 10] (as the released training).
     """
+    import torch
+
     k = KL_KINDS.get(kind)
     if k is None:
         raise ValueError(f"unknown KL estimator '{kind}'; choose one of {', '.join(KL_KINDS)}")
@@ -72,6 +78,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     mean over the sequences that have any (every sequence weighs the same).
     An all-masked input gives 0.
     """
+    import torch
+
     mask = mask.to(values.dtype)
     if values.shape != mask.shape:
         values = values.expand_as(mask)
@@ -116,6 +124,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     clip's cap was taken) and ``approx_kl`` (token-mean of old_logp − logp),
     as floats.
     """
+    import torch
+
     high = clip_ratio_low if clip_ratio_high is None else clip_ratio_high
     if not 0.0 <= clip_ratio_low < 1.0 or high < 0.0:
         raise ValueError(f"clip ratios must satisfy 0 <= low < 1 and high >= 0, got low={clip_ratio_low}, high={high}")
@@ -181,6 +191,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Labels that are negative (e.g. −100, "ignore") give 0; mask them out.
     Computed in float32 as logit − logsumexp, without a full log-softmax copy.
     """
+    import torch
+
     safe = labels.clamp(min=0).unsqueeze(-1)
     logits = logits.float()
     picked = logits.gather(-1, safe).squeeze(-1)
@@ -190,6 +202,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax at each position: [..., V] → [...]."""
+    import torch
+
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = torch.exp(logits - lse)

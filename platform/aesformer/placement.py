@@ -216,3 +216,14 @@ def shrink_cpus(asks: list[PoolAsk], nodes: list[Node]) -> float:
         if "CPU" in a.bundle:
             a.bundle["CPU"] = math.floor(a.bundle["CPU"] * factor * 100) / 100 or 0.01
     return factor
+
+
+def check_pools(ray_module, asks: list[PoolAsk], job: str) -> dict:
+    """Before any model loads: the pools ``asks`` (actor pools that run at
+    the same time) placed on the connected cluster's nodes, the plan logged;
+    :class:`PlacementError` with the table when they do not fit."""
+    import logging
+
+    placed = plan(asks, cluster_nodes(ray_module))
+    logging.getLogger(job).info("pools on the cluster:\n%s", plan_table(asks, placed))
+    return placed
