@@ -75,7 +75,7 @@ class Thinker:
         self.lock = threading.Lock()  # one generate at a time on this replica's model
         self.batches: list[int] = []  # sizes of the batches run (the latest 1000)
         self._batched.set_max_batch_size(t.max_batch_size)
-        self.batch_wait_timeout_s = t.batch_wait_timeout_s
+        self._batched.set_batch_wait_timeout_s(t.batch_wait_timeout_s)
         log.info("thinker %s loaded (%s engine, batches of up to %d)", self.path, self.kind, t.max_batch_size)
 
     def ready(self) -> dict:
@@ -89,16 +89,9 @@ class Thinker:
             self.batches = (self.batches + [len(calls)])[-1000:]
             return run_chat(self.engine, calls, self.model_name)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, calls: list[ChatCall]) -> list[dict]:
-        # A batch waits for company only while the model is busy (requests then
-        # arrive faster than it answers); a request that finds it idle starts
-        # at once instead of paying the wait alone.
-        self._batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
-        try:
-            return await asyncio.to_thread(self._run, calls)
-        finally:
-            self._batched.set_batch_wait_timeout_s(0.0)
+        return await asyncio.to_thread(self._run, calls)
 
     async def chat(self, call: ChatCall) -> dict:
         return await self._batched(call)

@@ -78,7 +78,7 @@ class ThinkerServing:
     top_p: float = 0.95
     instruction: Optional[str] = None
     max_batch_size: int = 8            # @serve.batch
-    batch_wait_timeout_s: float = 0.01  # how long a batch waits for company while the model is busy
+    batch_wait_timeout_s: float = 0.01  # what a request alone waits for company
     deployment: DeploymentSettings = field(default_factory=lambda: DeploymentSettings(num_gpus=1.0,
                                                                                       max_ongoing_requests=16))
 
