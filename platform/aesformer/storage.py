@@ -128,7 +128,7 @@ def check_across_nodes(cfg, ray, paths: tuple[str, ...] = ("output",)) -> int:
 # -- locations: a local path or a URI of a pyarrow filesystem ----------------------------
 
 Location = Union[str, os.PathLike]
-_FILESYSTEMS: dict[str, tuple[Any, str]] = {}
+_FILESYSTEMS: dict[tuple, tuple[Any, str]] = {}
 
 
 def is_uri(location: Optional[Location]) -> bool:
@@ -150,6 +150,10 @@ def _split(uri: str) -> tuple[str, str, str]:
     return f"{scheme}://{netloc}", path.strip("/"), f"?{query}" if query else ""
 
 
+_FILESYSTEM_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
 def filesystem(location: Location) -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) for a local path or a URI; one
     filesystem object per bucket (or host) and query."""
@@ -158,7 +162,9 @@ def filesystem(location: Location) -> tuple[Any, str]:
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(_local(location).resolve())
     root, path, query = _split(str(location))
-    key = root + query
+    # the endpoint and credentials come from the environment when the filesystem
+    # is made: a filesystem made under other settings is not reused
+    key = (root + query, tuple(os.environ.get(k) for k in _FILESYSTEM_ENV))
     if key not in _FILESYSTEMS:
         fs, root_path = pafs.FileSystem.from_uri(f"{root}/{query}")
         _FILESYSTEMS[key] = (fs, root_path.rstrip("/"))
