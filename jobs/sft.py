@@ -238,6 +238,9 @@ def train_loop_per_worker(loop: dict) -> None:
                                  local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                  local_shuffle_seed=cfg.seed if cfg.shuffle_buffer else None)
     skip = step * cfg.grad_accum
+    # with the data cached, every epoch replays the same rows: each is prepared
+    # (decoded, tokenized, its pixels patched) once per worker, not once per epoch
+    built: Optional[dict] = {} if cfg.cache_data else None
     t_start = t_step = time.perf_counter()
     step_loss, step_micro, step_tokens, step_ids = 0.0, 0, 0, []
     metrics: dict = dict((restored or {}).get("metrics") or {})
@@ -250,9 +253,17 @@ def train_loop_per_worker(loop: dict) -> None:
         samples = []
         for row_id, image, text in zip(rows["id"], rows["poor_image"], rows["plan"]):
             try:
-                sample = sft.build_sample(processor, image, text, instruction=instruction, cutoff=cfg.cutoff,
-                                          max_pixels=cfg.max_image_pixels, row=row_id)
+                sample = built.get(row_id) if built is not None else None
+                if sample is None:
+                    sample = sft.build_sample(processor, image, text, instruction=instruction, cutoff=cfg.cutoff,
+                                              max_pixels=cfg.max_image_pixels, row=row_id)
+                if built is not None:
+                    built[row_id] = sample
+                if isinstance(sample, sft.SampleError):
+                    raise sample
             except sft.SampleError as exc:
+                if built is not None:
+                    built[row_id] = exc
                 counts.add_skipped(exc.reason)
                 log.warning("skipping a sample: %s", exc)
                 continue

@@ -200,6 +200,11 @@ def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_s3(
     assert [json.loads(x)["step"] for x in storage.read_text(f"{out}/steps.jsonl").splitlines()] == [1, 2, 3]
     assert storage.listdir(f"{out}/checkpoints") == ["step-000002", "step-000003"]
     assert storage.exists(f"{out}/model/config.json") and storage.exists(f"{out}/logs/grpo_a.log")
+    assert storage.exists(f"{out}/config.yaml") and storage.exists(f"{out}/init_policy/config.json")
+    # the dataset the tiny profile made went to S3 too; the resumed run restored the checkpoint's weights
+    assert storage.listdir(f"{out}/data") == ["part-00000.parquet"]
+    state = storage.read_json(f"{out}/checkpoints/step-000002/trainer_state.json")
+    assert result["resumed_weights_sha256"] == state["weights_sha256"]
     # the policy with the plan tokens went to S3 once; each worker node loaded it from its own cache,
     # the head (driver) never copied it
     cache = cluster.env["AESFORMER_MODEL_CACHE"]

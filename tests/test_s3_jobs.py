@@ -2,8 +2,9 @@
 127.0.0.1, one for the module; credentials and endpoint from environment
 variables, as on a cluster node) and one Ray session for the module, started
 with that environment so its workers reach the endpoint too. Each training job
-trains, checkpoints, stops and resumes with ``output=s3://...``; the dataset
-jobs read and write their datasets there. Nothing a job writes lands on the
+trains, checkpoints, stops and resumes with ``output=s3://...`` (GRPO-A does so
+on the simulated cluster, in test_multinode.py); the dataset jobs read and
+write their datasets there. Nothing a job writes lands on the
 local disk but its log and tracking staging folder."""
 from __future__ import annotations
 
@@ -49,41 +50,6 @@ def ray_session(s3):
 
 def lines(uri: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_text(uri).splitlines()]
-
-
-GRPO_SMALL = ["profile=tiny", "rollout.actors=1", "rollout.max_tokens=24", "val_every=0", "reward.weights=[1,1,0]",
-              "reward.alignment=rule", "tracking.enabled=false", "steps=3", "checkpoint_every=2"]
-
-
-@pytest.mark.timeout(900)
-def test_grpo_a_trains_checkpoints_and_resumes_with_its_output_on_s3(ray_session, s3, tiny_models):
-    from aesformer.jobs.grpo_a import main
-
-    out = f"{s3['root']}/grpo"
-    first = main(GRPO_SMALL + [f"output={out}", "stop_after=2"])
-    ckpts = storage.join(out, "checkpoints")
-    assert first["checkpoint"] == storage.join(ckpts, "step-000002") and not first["finished"]
-    assert storage.listdir(ckpts) == ["step-000002"]
-    state = storage.read_json(storage.join(ckpts, "step-000002", "trainer_state.json"))
-    assert state["step"] == 2
-    # both learner ranks' ZeRO-3 partitions went up
-    files = storage.glob(ckpts, "step-000002/*/*")
-    assert sum("zero_pp_rank_" in storage.name(f) for f in files) >= 4, files
-
-    second = main(GRPO_SMALL + [f"output={out}", "resume=auto"])
-    assert second["resumed_from"] == storage.join(ckpts, "step-000002")
-    assert second["resumed_weights_sha256"] == state["weights_sha256"]
-    assert second["finished"] and second["last_step"] == 3
-    assert [r["step"] for r in lines(storage.join(out, "steps.jsonl"))] == [1, 2, 3]
-    assert storage.listdir(ckpts) == ["step-000002", "step-000003"]
-    assert storage.read_json(storage.join(out, "result.json"))["last_step"] == 3
-    # the dataset the tiny profile made, the policy with the plan tokens, the export, config and log
-    assert storage.listdir(storage.join(out, "data")) == ["part-00000.parquet"]
-    assert storage.exists(storage.join(out, "init_policy", "config.json"))
-    assert storage.exists(storage.join(out, "model", "config.json"))
-    assert storage.exists(storage.join(out, "config.yaml")) and storage.exists(storage.join(out, "logs", "grpo_a.log"))
-    assert second["init"] == storage.join(out, "init_policy")  # the pools loaded it through their node's cache
-    assert any(p.name.startswith("init_policy-") for p in (s3["local"] / "model-cache").iterdir())
 
 
 @pytest.mark.timeout(900)
