@@ -127,21 +127,18 @@ def test_a_model_folder_only_the_head_has_fails_before_loading_naming_the_nodes(
 
 
 @pytest.mark.timeout(1800)
-def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_a_shared_folder(cluster, tracking):
+def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_on_a_shared_folder(cluster, tracking):
+    """One uninterrupted run (stopping and resuming is the S3 test's)."""
     out = cluster.shared / "grpo"
     common = ["profile=tiny", f"output={out}", f"tracking.uri={tracking['uri']}", "tracking.experiment=multinode",
               "steps=3"] + PINNED
     t0 = time.time()
-    first = job(cluster, "jobs/grpo_a.py", common + ["stop_after=2"], 900)
-    assert first.returncode == 0, first.stderr[-5000:]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    proc = job(cluster, "jobs/grpo_a.py", common, 900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    print(f"a GRPO-A run on the cluster: {time.time() - t0:.0f}s (cluster start {cluster.started_in:.0f}s)")
     assert json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["step"] == 2
-    second = job(cluster, "jobs/grpo_a.py", common + ["resume=auto"], 900)
-    assert second.returncode == 0, second.stderr[-5000:]
-    print(f"two GRPO-A runs on the cluster: {time.time() - t0:.0f}s (cluster start {cluster.started_in:.0f}s)")
     result = json.loads((out / "result.json").read_text())
     assert result["finished"] and result["last_step"] == 3
-    assert result["resumed_from"].endswith("step-000002")
     # the learner ranks ran on node_b, the other pools on node_c, the driver on the head
     assert result["placement"]["learner"] == {"strategy": "STRICT_PACK", "nodes": ["node_b", "node_b"]}
     assert set(result["placement"]["rollout"]["nodes"]) == {"node_c"}
@@ -149,7 +146,7 @@ def test_grpo_a_with_the_learner_on_a_worker_node_checkpoints_and_resumes_on_a_s
     assert steps == [1, 2, 3]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert (out / "model" / "config.json").exists()
-    # both runs tracked into one MLflow run on the server, its artifacts on S3
+    # tracked on the server, its artifacts on S3
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking["uri"])
