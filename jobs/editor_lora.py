@@ -294,6 +294,7 @@ def train_loop(config: dict) -> None:
                 checkpoints.write_state(d, state)
             ray.train.report({"step": state["step"], "loss": state["losses"][-1] if state["losses"] else None},
                              checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+            checkpoints.wait_until_taken()  # a node lost from now on restarts the group from here
 
     t_start = time.perf_counter()
     done_at_start = state["step"]
@@ -453,8 +454,8 @@ def run(cfg: EditorLoraConfig) -> dict:
             # restarted (on another node) if its node is lost, and a render in flight sent again:
             # the final render, which the training waits for, must not fail the run
             renderer = ray.remote(ValidationRenderer).options(
-                num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus, max_restarts=-1,
-                max_task_retries=-1).remote(
+                num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus, max_restarts=2,
+                max_task_retries=2).remote(
                 editor_path, storage.join(out, "validation"), val_pairs, control_area=cfg.control_area,
                 condition_area=cfg.condition_area, lora=lora, steps=cfg.validation.steps,
                 true_cfg_scale=cfg.validation.true_cfg_scale, negative_prompt=cfg.validation.negative_prompt,
