@@ -139,6 +139,11 @@ def training_rows(data: str, split: Optional[str]) -> list[dict]:
 # ---------------------------------------------------------------------------
 # 1. Cache
 # ---------------------------------------------------------------------------
+# pairs to encode up to this many image bytes go from the driver's own read to
+# the encoders (Ray Data's Parquet reader starts tasks of its own)
+HAND_OVER_BYTES = 64 << 20
+
+
 def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str],
                 nodes: int = 1) -> tuple[dict, dict, dict]:
     """Encode the pairs in ``ids`` that the cache lacks. Returns ({id: cache
@@ -147,7 +152,7 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
 
     from aesformer.actors.editor_actors import CacheEncoder
     from aesformer.editor_cache import cache_index, content_key, encoder_settings, settings_folder, with_keys
-    from aesformer.data import iter_pairs, read_ray
+    from aesformer.data import PAIR_SCHEMA, iter_pairs, read_ray
     from aesformer.pipeline import normalise_plan
 
     settings = encoder_settings(editor_path, dtype=cfg.cache.dtype, control_area=cfg.control_area,
@@ -157,18 +162,27 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
                                   else str(Path(cfg.models.cache_dir).expanduser() / "editor_cache"))
     folder = settings_folder(cache_dir, settings)
     cols = ["id", "poor_image", "good_image", "plan"]
-    # content keys: one streaming pass over the pairs (hashing is cheap next to encoding)
-    id_keys = {}
+    # content keys: one streaming pass over the pairs (hashing is cheap next to encoding);
+    # the pairs to encode are kept from it while they are few, else Ray Data reads them again
+    index = cache_index(folder)
+    id_keys, kept, kept_bytes = {}, [], 0
     for r in iter_pairs(data, cols):
         if r["id"] in ids:
-            id_keys[r["id"]] = content_key(r["poor_image"], r["good_image"], normalise_plan(r["plan"] or "")[0])
-    index = cache_index(folder)
+            id_keys[r["id"]] = key = content_key(r["poor_image"], r["good_image"], normalise_plan(r["plan"] or "")[0])
+            if key not in index and kept is not None:
+                kept.append(r)
+                kept_bytes += len(r["poor_image"] or b"") + len(r["good_image"] or b"")
+                kept = kept if kept_bytes <= HAND_OVER_BYTES else None
     missing = {i for i, k in id_keys.items() if k not in index}
     encoded = 0
     if missing:
+        import pyarrow as pa
+        import ray.data
+
         log.info("cache: encoding %d of %d pairs into %s", len(missing), len(id_keys), folder)
-        todo = read_ray(data, columns=cols).filter(lambda r: r["id"] in missing).map_batches(
-            with_keys, batch_format="pyarrow", batch_size=16)
+        pairs = (ray.data.from_arrow(pa.Table.from_pylist(kept, schema=pa.schema([PAIR_SCHEMA.field(c) for c in cols])))
+                 if kept is not None else read_ray(data, columns=cols).filter(lambda r: r["id"] in missing))
+        todo = pairs.map_batches(with_keys, batch_format="pyarrow", batch_size=16)
         out = todo.map_batches(
             CacheEncoder, batch_format="pyarrow", batch_size=cfg.cache.batch_size,
             compute=ActorPoolStrategy(size=cfg.cache.pool_size),

@@ -30,7 +30,7 @@ def _argv(run_dir, *extra):
 def trained(ray_session, tiny_models, run_dir):
     from aesformer.jobs.editor_lora import main
 
-    return main(_argv(run_dir))
+    return main(_argv(run_dir, "validation.every=40"))  # renders during training too
 
 
 def test_epoch_batches_are_single_bucket_and_even_across_ranks():
@@ -108,6 +108,35 @@ def test_second_cache_run_encodes_nothing(trained, run_dir):
     assert stats["encoded"] == 0 and stats["hits"] == 8 and stats["hit_rate"] == 1.0
     assert sorted(p.name for p in folder.glob("*.parquet")) == shards_before  # no encoder wrote anything
     assert set(entries) == ids
+
+
+def test_pairs_beyond_the_hand_over_size_are_read_by_ray_data_into_the_same_entries(trained, run_dir, monkeypatch):
+    """The job keeps the pairs to encode from its own read while their images
+    stay under HAND_OVER_BYTES; past it, Ray Data reads them: same keys, same
+    tensors."""
+    from aesformer.config import load_config
+    from aesformer.editor_cache import CacheReader
+    from aesformer.jobs import editor_lora
+    from aesformer.models import resolve_model
+
+    monkeypatch.setattr(editor_lora, "HAND_OVER_BYTES", 0)
+    cfg = load_config(editor_lora.EditorLoraConfig, "editor_lora", _argv(run_dir, f"cache.dir={run_dir / 'cache-ray'}"))
+    editor = resolve_model(cfg.models.editor, cfg.models.cache_dir)
+    ids = sorted(r["id"] for r in editor_lora.training_rows(trained["data"], "train"))[:2]
+    entries, stats, _ = editor_lora.build_cache(cfg, editor, trained["data"], set(ids))
+    assert stats["encoded"] == 2 and set(entries) == set(ids)
+    before, _, _ = editor_lora.build_cache(load_config(editor_lora.EditorLoraConfig, "editor_lora", _argv(run_dir)),
+                                           editor, trained["data"], set(ids))  # the training run's cache
+    reader = CacheReader()
+    for i in ids:
+        a, b = reader.tensors(entries[i]), reader.tensors(before[i])
+        assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a), i
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 def test_mlflow_has_losses_per_timestep_bucket_and_validation_grids(trained, run_dir):

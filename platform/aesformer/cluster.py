@@ -79,6 +79,12 @@ def init_ray(ray_cfg: Any, *, extra_env: Optional[dict] = None):
     else:
         num_cpus = ray_cfg.num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray with %s CPUs", num_cpus)
+        # One machine of its own: nothing preempts it, so Ray Train's preemption
+        # watcher would only be one more process to start per training run. Idle
+        # workers started ahead would lack the jobs' runtime environment and go
+        # unused, so none are.
+        kwargs["runtime_env"]["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        kwargs["_system_config"] = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
         for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
             try:
                 ray.init(address="local", num_cpus=num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False,
