@@ -232,9 +232,16 @@ class LocalCluster:
         return found
 
     def kill_node(self, name: str) -> None:
-        """Lose node ``name`` at once: SIGKILL its raylet, workers and agents (its process group)."""
+        """Lose node ``name`` at once: SIGKILL its raylet, workers and agents, by PID (every
+        process inside its mount namespace) and by process group. Workers run in process
+        groups of their own and notice a dead raylet only after a while: a training worker
+        spared by a group kill would go on taking steps."""
         proc = self.procs[name]
+        inside = self.processes(name, "")
         self.lost.add(name)
+        for pid in inside:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         _kill_marked(f"{self.marker}-{name}")

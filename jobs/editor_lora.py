@@ -111,6 +111,8 @@ class EditorLoraConfig(JobConfig):
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    # write the ids each worker trained on per step to <output>/sample_log/rank<r>.jsonl
+    sample_log: bool = False
     cache: CacheSettings = field(default_factory=CacheSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
@@ -287,6 +289,9 @@ def train_loop(config: dict) -> None:
     tracker = Tracker.attach(**config["tracking"]) if (rank == 0 and config.get("tracking")) else None
     renderer = config.get("renderer")
     pending = None
+    sample_log = None
+    if config.get("sample_log"):
+        sample_log = storage.Appender(storage.join(config["output"], "sample_log", f"rank{rank}.jsonl"))
 
     def lr_at(step: int) -> float:
         w = config["warmup_steps"]
@@ -303,6 +308,7 @@ def train_loop(config: dict) -> None:
                 checkpoints.write_state(d, state)
             ray.train.report({"step": state["step"], "loss": state["losses"][-1] if state["losses"] else None},
                              checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+            checkpoints.wait_until_taken()  # a node lost from now on restarts the group from here
 
     t_start = time.perf_counter()
     done_at_start = state["step"]
@@ -336,6 +342,8 @@ def train_loop(config: dict) -> None:
                 torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
             state["losses"].append(float(value))
             state["step"] += 1
+            if sample_log is not None:
+                sample_log.write({"step": state["step"], "rank": rank, "ids": [e["id"] for e in batches[state["batch"]]]})
             state["batch"] += 1
             dt = time.perf_counter() - t0
             state["step_seconds"] = state.get("step_seconds", 0.0) + dt
@@ -457,8 +465,11 @@ def run(cfg: EditorLoraConfig) -> dict:
         lora = asdict(cfg.lora)
         renderer = None
         if val_pairs:
+            # restarted (on another node) if its node is lost, and a render in flight sent again:
+            # the final render, which the training waits for, must not fail the run
             renderer = ray.remote(ValidationRenderer).options(
-                num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus).remote(
+                num_cpus=cfg.validation.num_cpus, num_gpus=cfg.validation.num_gpus, max_restarts=2,
+                max_task_retries=2).remote(
                 editor_path, storage.join(out, "validation"), val_pairs, control_area=cfg.control_area,
                 condition_area=cfg.condition_area, lora=lora, steps=cfg.validation.steps,
                 true_cfg_scale=cfg.validation.true_cfg_scale, negative_prompt=cfg.validation.negative_prompt,
@@ -480,7 +491,7 @@ def run(cfg: EditorLoraConfig) -> dict:
             warmup_steps=cfg.warmup_steps, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
             gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype, checkpoint_every=cfg.checkpoint_every,
             log_every=cfg.log_every, val_every=cfg.validation.every, renderer=renderer, tracking=tracking,
-            resume_from=resume_from, progress=steps.queue,
+            resume_from=resume_from, progress=steps.queue, output=out, sample_log=cfg.sample_log,
         )
         trainer = TorchTrainer(
             train_loop,

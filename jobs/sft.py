@@ -230,6 +230,7 @@ def train_loop_per_worker(loop: dict) -> None:
         ray.train.report({**metrics, "step": step, "done": done},
                          checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                          checkpoint_dir_name=f"checkpoint-{step:07d}")
+        checkpoints.wait_until_taken()  # a node lost from now on restarts the group from here
         shutil.rmtree(folder, ignore_errors=True)
 
     # -- the stream: every epoch in its seeded order, skipping what was seen --------------

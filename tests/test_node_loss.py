@@ -11,6 +11,7 @@ lost by a test is brought back (a fresh node of the same name) before the
 next."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -38,10 +39,11 @@ def cluster():
 
 @pytest.fixture
 def nodes(cluster):
-    """The cluster, with any node a test lost brought back after it."""
-    yield cluster
+    """The cluster, with any node an earlier test lost brought back first (the
+    module's last loss is never brought back: the cluster stops)."""
     for name in sorted(cluster.lost):
         cluster.restart_node(name, timeout=600)
+    return cluster
 
 
 # Small CPU asks: every pool of the tiny profile (3 CPUs in all) fits on one worker node.
@@ -178,3 +180,161 @@ def test_grpo_a_places_the_pools_of_a_lost_node_again_on_the_survivor_and_finish
         "learner": {"node_b"}, "rollout": {"node_b"}, "reward": {"node_b"}, "reference": {"node_b"}}
     print(f"pool actors replaced: {len(replaced)} in {[r['seconds'] for r in replaced]}s; steps redone: 0")
 
+
+
+# -- Ray Train jobs: a worker group of one or two ([1, 2], elastic) ------------------------------
+
+def trained_steps(out: Path) -> list[int]:
+    """The optimizer steps rank 0 took, in order, a redone step again (the job's sample log)."""
+    path = out / "sample_log" / "rank0.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def train_worker_nodes(cluster) -> list[str]:
+    """The worker nodes a Ray Train worker runs on now."""
+    return [name for name in ("node_b", "node_c")
+            if name not in cluster.lost and cluster.processes(name, "RayTrainWorker")]
+
+
+SFT = ["profile=tiny", "tracking.enabled=false", "export=false", "num_workers=[1,2]", "max_failures=1",
+       "sample_log=true"]
+
+# A worker goes on after a checkpoint only once Ray Train's controller has taken it as the
+# run's latest (aesformer.checkpoints.wait_until_taken), so a group restarts from the last
+# checkpoint any worker went past: at most checkpoint_every (4) steps are redone.
+REDONE_AT_MOST = 4
+
+
+@pytest.mark.timeout(900)
+def test_sft_with_a_worker_node_lost_restores_the_last_checkpoint_and_finishes_every_step(nodes, tmp_path):
+    from sft_pairs import pair_rows, write_pairs
+
+    # 12 pairs: 3 steps an epoch on 2 workers (micro-batch 2), 8 epochs = 24 steps, a checkpoint every 4
+    data = write_pairs(nodes.shared / "sft-node-lost-pairs", pair_rows(variants=2, size=64))
+    out = nodes.shared / "sft-node-lost"
+    log = tmp_path / "job.log"
+    t0 = time.time()
+    proc = start_job(nodes, "jobs/sft.py", SFT + [f"data={data}", f"output={out}", "epochs=8",
+                                                  "checkpoint_every=4"], log)
+    wait_for(lambda: (out / "ray" / "sft" / "checkpoint-0000008").exists(), proc, log)
+    lost = train_worker_nodes(nodes)[-1]
+    nodes.kill_node(lost)
+    t_kill = time.time()
+    before = trained_steps(out)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    print(f"node with a training worker lost at {t_kill - t0:.0f}s (step {before[-1]}), "
+          f"run done {time.time() - t_kill:.0f}s later")
+
+    taken = trained_steps(out)
+    assert sorted(set(taken)) == list(range(1, 25))  # every step, to the end
+    lost_at, resumed_at = recovery(taken)
+    restored = resumed_at - 1
+    assert restored in (4, 8, 12, 16, 20)  # a checkpoint's step: the count went on, not from 0
+    assert lost_at >= 8 and lost_at - restored <= REDONE_AT_MOST
+    assert taken[taken.index(resumed_at, taken.index(lost_at)):] == list(range(resumed_at, 25))
+    state = json.loads((out / "ray" / "sft" / "checkpoint-0000024" / "trainer_state.json").read_text())
+    assert state["done"] and state["step"] == 24 and state["samples_seen"] == 96
+    print(f"restored step {restored}; steps redone: {lost_at - restored}; world size after: {state['world_size']}")
+
+
+def recovery(taken: list[int]) -> tuple[int, int]:
+    """(the last step taken before the group restarted, the step it took next)."""
+    restart = next(i for i in range(1, len(taken)) if taken[i] <= taken[i - 1])
+    return taken[restart - 1], taken[restart]
+
+
+def editor_checkpoint_steps(out: Path) -> list[int]:
+    """The steps of the editor's checkpoints in the shared folder."""
+    found = []
+    for state in (out / "checkpoints").glob("*/checkpoint_*/trainer_state.json"):
+        with contextlib.suppress(ValueError, KeyError):
+            found.append(json.loads(state.read_text())["step"])
+    return sorted(found)
+
+
+EDITOR = ["profile=tiny", "tracking.enabled=false", "num_workers=[1,2]", "max_failures=1", "sample_log=true",
+          "validation.every=0", "log_every=1"]
+
+
+@pytest.mark.timeout(900)
+def test_editor_lora_with_a_worker_node_lost_restores_the_last_checkpoint_and_finishes_every_step(nodes, tmp_path):
+    # 8 sample pairs, batch 1: 4 steps an epoch on 2 workers, 6 epochs = 24 steps, a checkpoint every 4
+    out = nodes.shared / "editor-node-lost"
+    log = tmp_path / "job.log"
+    t0 = time.time()
+    proc = start_job(nodes, "jobs/editor_lora.py", EDITOR + [f"output={out}", "epochs=6",
+                                                                  "checkpoint_every=4"], log)
+    wait_for(lambda: 8 in editor_checkpoint_steps(out), proc, log)
+    lost = train_worker_nodes(nodes)[-1]
+    nodes.kill_node(lost)
+    t_kill = time.time()
+    before = trained_steps(out)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    print(f"node with a training worker lost at {t_kill - t0:.0f}s (step {before[-1]}), "
+          f"run done {time.time() - t_kill:.0f}s later")
+
+    taken = trained_steps(out)
+    assert sorted(set(taken)) == list(range(1, 25))  # every step, to the end
+    lost_at, resumed_at = recovery(taken)
+    restored = resumed_at - 1
+    assert restored in (4, 8, 12, 16, 20)  # a checkpoint's step: the count went on, not from 0
+    assert lost_at >= 8 and lost_at - restored <= REDONE_AT_MOST
+    assert taken[taken.index(resumed_at, taken.index(lost_at)):] == list(range(resumed_at, 25))
+    assert len(json.loads((out / "losses.json").read_text())) == 24  # the restored history, then the rest
+    assert (out / "lora" / "README.md").exists()
+    print(f"restored step {restored}; steps redone: {lost_at - restored}")
+
+
+# -- VCMP: a streaming Ray Data job; a lost node's pool actors and tasks are redone elsewhere --------
+
+# one video at a time through each stage, each recorded and made durable as it finishes
+VCMP = ["profile=tiny", "tracking.enabled=false", "shard_rows=4", "checkpoint_s=0", "cpu_stage_tasks=1",
+        "pools.screen.batch_size=1", "pools.pairs.batch_size=1"]
+
+
+def vcmp_pairs(out: Path) -> dict[str, tuple]:
+    """pair id -> (video, poor image, good image) of a VCMP output."""
+    from aesformer.data import read_pairs
+
+    rows = read_pairs(out / "pairs", columns=["id", "video_id", "poor_image", "good_image"])
+    assert len(rows) == len({r["id"] for r in rows}), "a pair written twice"
+    return {r["id"]: (r["video_id"], r["poor_image"], r["good_image"]) for r in rows}
+
+
+def finished_videos(out: Path) -> list[str]:
+    path = out / "state" / "videos.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [r["video_id"] for r in lines if r.get("status") != "rejected"]
+
+
+@pytest.mark.timeout(1200)
+def test_vcmp_with_a_worker_node_lost_writes_the_pairs_of_an_uninterrupted_run_once_each(nodes, tmp_path):
+    from aesformer.jobs.make_samples import main as make_samples
+
+    videos = nodes.shared / "vcmp-node-lost-videos"
+    make_samples([f"output={videos}", "videos=3", "tracking.enabled=false"])
+    t0 = time.time()
+    reference = nodes.shared / "vcmp-uninterrupted"
+    proc = start_job(nodes, "jobs/vcmp.py", VCMP + [f"input={videos}", f"output={reference}"], tmp_path / "ref.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-5000:]
+    t_ref = time.time() - t0
+
+    out = nodes.shared / "vcmp-node-lost"
+    log = tmp_path / "job.log"
+    proc = start_job(nodes, "jobs/vcmp.py", VCMP + [f"input={videos}", f"output={out}"], log)
+    wait_for(lambda: finished_videos(out), proc, log)
+    # the node of the pair-mining pool (good frame to alignment) goes, videos still in the stream
+    lost = next(name for name in ("node_b", "node_c") if nodes.processes(name, "MinePairs"))
+    nodes.kill_node(lost)
+    at_kill = finished_videos(out)
+    t_kill = time.time()
+    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    print(f"uninterrupted run {t_ref:.0f}s; node lost after {len(at_kill)} of 3 videos, "
+          f"run done {time.time() - t_kill:.0f}s later")
+
+    assert len(at_kill) < 3  # lost mid-run, videos still in the stream
+    assert sorted(finished_videos(out)) == ["tut0000", "tut0001", "tut0002"]  # each video recorded once
+    want, got = vcmp_pairs(reference), vcmp_pairs(out)
+    assert want and sorted(got) == sorted(want)  # none lost, none twice
+    assert got == want  # the same frames
+    print(f"{len(got)} pairs")

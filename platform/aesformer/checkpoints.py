@@ -99,3 +99,27 @@ def resolve_resume(value: str, root: str | os.PathLike, pattern: str,
         return newest(root, pattern, required)
     folder = _folder(storage.resolve(value))
     return folder, read_state(folder)
+
+
+def wait_until_taken(timeout_s: float = 120.0) -> bool:
+    """On a Ray Train worker, after ``ray.train.report(..., checkpoint=...)``:
+    wait until the run's controller has collected that report.
+
+    ``report`` returns once the checkpoint is uploaded and queued on the
+    worker; the controller takes it as the run's latest only when it next
+    polls the workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by
+    default). A node lost in between restarts the group from the checkpoint
+    before, and a loss soon after the first checkpoint restarts it from step 0.
+    Waiting here, at most one poll interval a checkpoint, makes every finished
+    checkpoint the restart point. Reads Ray Train v2's worker queue (the
+    controller marks a report done when it collects it); False where that is
+    missing or the wait timed out (a group being torn down is never polled)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        results = get_train_context().get_result_queue()
+        done = results.all_tasks_done
+    except Exception:  # another Ray Train, or not on a worker
+        return False
+    with done:
+        return done.wait_for(lambda: results.unfinished_tasks == 0, timeout=timeout_s)
