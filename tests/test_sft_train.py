@@ -37,7 +37,7 @@ def pairs(tmp_path_factory):
 def trained(ray_session, pairs, tmp_path_factory):
     folder, _ = pairs
     out = tmp_path_factory.mktemp("sft-run")
-    result = job.main([f"data={folder}", f"output={out}", "epochs=12"])  # short plans: 12 passes suffice
+    result = job.main([f"data={folder}", f"output={out}", "epochs=12", "checkpoint_every=25"])  # short plans: 12 passes suffice
     return result, out
 
 
