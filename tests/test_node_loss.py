@@ -217,6 +217,16 @@ def test_sft_with_a_worker_node_lost_restores_the_last_checkpoint_and_finishes_e
     proc = start_job(nodes, "jobs/sft.py", SFT + [f"data={data}", f"output={out}", "epochs=8",
                                                   "checkpoint_every=4"], log)
     wait_for(lambda: (out / "ray" / "sft" / "checkpoint-0000008").exists(), proc, log)
+    restored, redone = lose_a_training_node(nodes, proc, log, out, t0)
+    state = json.loads((out / "ray" / "sft" / "checkpoint-0000024" / "trainer_state.json").read_text())
+    assert state["done"] and state["step"] == 24 and state["samples_seen"] == 96
+    print(f"restored step {restored}; steps redone: {redone}; world size after: {state['world_size']}")
+
+
+def lose_a_training_node(nodes, proc, log: Path, out: Path, t0: float) -> tuple[int, int]:
+    """Kill the node of a training worker, wait for the job to end, and check
+    that it took every step of 1-24, going on from a checkpoint's step (not
+    from 0) and redoing at most REDONE_AT_MOST. Returns (restored step, steps redone)."""
     lost = train_worker_nodes(nodes)[-1]
     nodes.kill_node(lost)
     t_kill = time.time()
@@ -224,7 +234,6 @@ def test_sft_with_a_worker_node_lost_restores_the_last_checkpoint_and_finishes_e
     assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
     print(f"node with a training worker lost at {t_kill - t0:.0f}s (step {before[-1]}), "
           f"run done {time.time() - t_kill:.0f}s later")
-
     taken = trained_steps(out)
     assert sorted(set(taken)) == list(range(1, 25))  # every step, to the end
     lost_at, resumed_at = recovery(taken)
@@ -232,9 +241,7 @@ def test_sft_with_a_worker_node_lost_restores_the_last_checkpoint_and_finishes_e
     assert restored in (4, 8, 12, 16, 20)  # a checkpoint's step: the count went on, not from 0
     assert lost_at >= 8 and lost_at - restored <= REDONE_AT_MOST
     assert taken[taken.index(resumed_at, taken.index(lost_at)):] == list(range(resumed_at, 25))
-    state = json.loads((out / "ray" / "sft" / "checkpoint-0000024" / "trainer_state.json").read_text())
-    assert state["done"] and state["step"] == 24 and state["samples_seen"] == 96
-    print(f"restored step {restored}; steps redone: {lost_at - restored}; world size after: {state['world_size']}")
+    return restored, lost_at - restored
 
 
 def recovery(taken: list[int]) -> tuple[int, int]:
@@ -265,24 +272,10 @@ def test_editor_lora_with_a_worker_node_lost_restores_the_last_checkpoint_and_fi
     proc = start_job(nodes, "jobs/editor_lora.py", EDITOR + [f"output={out}", "epochs=6",
                                                                   "checkpoint_every=4"], log)
     wait_for(lambda: 8 in editor_checkpoint_steps(out), proc, log)
-    lost = train_worker_nodes(nodes)[-1]
-    nodes.kill_node(lost)
-    t_kill = time.time()
-    before = trained_steps(out)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
-    print(f"node with a training worker lost at {t_kill - t0:.0f}s (step {before[-1]}), "
-          f"run done {time.time() - t_kill:.0f}s later")
-
-    taken = trained_steps(out)
-    assert sorted(set(taken)) == list(range(1, 25))  # every step, to the end
-    lost_at, resumed_at = recovery(taken)
-    restored = resumed_at - 1
-    assert restored in (4, 8, 12, 16, 20)  # a checkpoint's step: the count went on, not from 0
-    assert lost_at >= 8 and lost_at - restored <= REDONE_AT_MOST
-    assert taken[taken.index(resumed_at, taken.index(lost_at)):] == list(range(resumed_at, 25))
+    restored, redone = lose_a_training_node(nodes, proc, log, out, t0)
     assert len(json.loads((out / "losses.json").read_text())) == 24  # the restored history, then the rest
     assert (out / "lora" / "README.md").exists()
-    print(f"restored step {restored}; steps redone: {lost_at - restored}")
+    print(f"restored step {restored}; steps redone: {redone}")
 
 
 # -- VCMP: a streaming Ray Data job; a lost node's pool actors and tasks are redone elsewhere --------
