@@ -242,6 +242,20 @@ def train_loop_per_worker(loop: dict) -> None:
     # with the data cached, every epoch replays the same rows: each is prepared
     # (decoded, tokenized, its pixels patched) once per worker, not once per epoch
     built: Optional[dict] = {} if cfg.cache_data else None
+
+    def prepare(row_id, image, text):
+        """The row's sample, or the SampleError that skips it."""
+        if built is not None and row_id in built:
+            return built[row_id]
+        try:
+            sample = sft.build_sample(processor, image, text, instruction=instruction, cutoff=cfg.cutoff,
+                                      max_pixels=cfg.max_image_pixels, row=row_id)
+        except sft.SampleError as exc:
+            sample = exc
+        if built is not None:
+            built[row_id] = sample
+        return sample
+
     t_start = t_step = time.perf_counter()
     step_loss, step_micro, step_tokens, step_ids = 0.0, 0, 0, []
     metrics: dict = dict((restored or {}).get("metrics") or {})
@@ -253,20 +267,10 @@ def train_loop_per_worker(loop: dict) -> None:
             continue  # trained on before the checkpoint we resumed from
         samples = []
         for row_id, image, text in zip(rows["id"], rows["poor_image"], rows["plan"]):
-            try:
-                sample = built.get(row_id) if built is not None else None
-                if sample is None:
-                    sample = sft.build_sample(processor, image, text, instruction=instruction, cutoff=cfg.cutoff,
-                                              max_pixels=cfg.max_image_pixels, row=row_id)
-                if built is not None:
-                    built[row_id] = sample
-                if isinstance(sample, sft.SampleError):
-                    raise sample
-            except sft.SampleError as exc:
-                if built is not None:
-                    built[row_id] = exc
-                counts.add_skipped(exc.reason)
-                log.warning("skipping a sample: %s", exc)
+            sample = prepare(row_id, image, text)
+            if isinstance(sample, sft.SampleError):
+                counts.add_skipped(sample.reason)
+                log.warning("skipping a sample: %s", sample)
                 continue
             counts.add_used(sample["cut"])
             samples.append(sample)
