@@ -115,18 +115,18 @@ class LearnerWorker:
     def _forward(self, samples: Sequence[dict], weight: float, with_grad: bool):
         import torch
 
-        from aesformer.engines import policy_inputs, sequence_logprobs
-
         from aesformer.actors.images import resolve_requests
+        from aesformer.engines import response_logprobs
 
-        inputs = policy_inputs(self.processor, resolve_requests([x["request"] for x in samples]),
-                               [x["response_ids"] for x in samples], self.s.get("max_pixels"))
         ctx = torch.enable_grad() if with_grad else torch.no_grad()
-        with ctx:
-            logp, entropy = sequence_logprobs(self.engine, inputs, self.s["temperature"], with_entropy=True,
-                                              banned_ids=self.banned_ids)
-        mask = inputs["response_mask"].to(logp.device) * weight
-        return logp, entropy, mask
+        with ctx:  # each prompt of the micro-batch runs once, its responses continue it
+            logp, entropy, mask = response_logprobs(
+                self.engine, self.processor, resolve_requests([x["request"] for x in samples]),
+                [x["response_ids"] for x in samples], self.s["temperature"], banned_ids=self.banned_ids,
+                max_pixels=self.s.get("max_pixels"), with_entropy=True,
+                # ZeRO-3 gathers parameters in every forward pass: every rank must run the same passes
+                fixed_passes=self.s["zero_stage"] == 3)
+        return logp, entropy, mask * weight
 
     def _micro_batches(self, samples: list[dict], filler: dict) -> list[tuple[list[dict], float]]:
         """``grad_accum`` micro-batches of at most ``micro_batch`` samples;

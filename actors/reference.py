@@ -38,14 +38,12 @@ class ReferenceWorker:
         import torch
 
         from aesformer.actors.images import resolve_requests
-        from aesformer.engines import policy_inputs, sequence_logprobs
+        from aesformer.engines import response_logprobs
 
         requests = resolve_requests(requests)  # photos arrive as object-store references, each fetched once
-        out: list[list[float]] = []
         with torch.no_grad():
-            for s in range(0, len(requests), self.micro_batch):
-                reqs, resps = list(requests[s:s + self.micro_batch]), list(responses[s:s + self.micro_batch])
-                inputs = policy_inputs(self.processor, reqs, resps, self.max_pixels)
-                logp = sequence_logprobs(self.model, inputs, temperature, banned_ids=self.banned_ids).float().cpu()
-                out.extend(logp[i, :len(r)].tolist() for i, r in enumerate(resps))
-        return out
+            # each prompt runs once; its responses continue it, micro_batch at a time
+            logp, _, _ = response_logprobs(self.model, self.processor, requests, list(responses), temperature,
+                                           banned_ids=self.banned_ids, max_pixels=self.max_pixels,
+                                           max_batch=self.micro_batch)
+        return [logp[i, :len(r)].float().cpu().tolist() for i, r in enumerate(responses)]

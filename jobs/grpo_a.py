@@ -119,7 +119,9 @@ class LearnerConfig:
     workers: int = 8
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 2.0
-    zero_stage: int = 3
+    # auto: ZeRO-2 where the weights fit a rank whole (no gathers in every pass), else ZeRO-3
+    zero_stage: Any = "auto"
+    rank_memory_gb: Optional[float] = None  # a rank's device memory; null: the GPU's, or the node's RAM on CPU
     bf16: bool = True
     lr: float = 1e-7
     weight_decay: float = 1e-2
@@ -203,6 +205,8 @@ def check_config(cfg: GrpoAConfig) -> None:
         raise ConfigError("rollout.n must be at least 2: GRPO compares samples within a group")
     if cfg.learner.max_restarts < 0:
         raise ConfigError(f"learner.max_restarts must be 0 or more, got {cfg.learner.max_restarts}")
+    if ln.zero_stage not in ("auto", 0, 1, 2, 3):
+        raise ConfigError(f"learner.zero_stage must be auto, 0, 1, 2 or 3, got {ln.zero_stage!r}")
     if cfg.learner.placement not in STRATEGIES:
         raise ConfigError(f"learner.placement must be one of {', '.join(STRATEGIES)}, got '{cfg.learner.placement}'")
     checkpoints.check_resume(cfg.resume)
@@ -255,6 +259,31 @@ def fit_pools(cfg: GrpoAConfig, nodes) -> tuple[list[PoolAsk], dict]:
         cfg.reference.cpus_per_actor = cpus["reference"]
     cfg.learner.placement = placed["learner"]["strategy"]
     return asks, placed
+
+
+def learner_zero_stage(cfg: GrpoAConfig, policy: str) -> int:
+    """The learner's ZeRO stage: as configured, or for ``auto`` by the
+    policy's size against a rank's memory (``learner.rank_memory_gb``; unset:
+    on CPU the node's RAM shared by its ranks, on GPU unknown, so ZeRO-3)."""
+    import ray
+
+    from aesformer.deepspeed_engine import choose_zero_stage, count_parameters
+
+    ln = cfg.learner
+    if ln.zero_stage != "auto":
+        return int(ln.zero_stage)
+    parameters = count_parameters(policy)
+    memory = ln.rank_memory_gb * 1e9 if ln.rank_memory_gb else None
+    if memory is None and not ln.gpus_per_worker:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        memory = min(n["Resources"].get("memory", 0.0) for n in nodes) / max(1, ln.workers) if nodes else None
+    if not parameters or not memory:
+        stage = 3  # size or memory unknown: partition everything
+    else:
+        stage = choose_zero_stage(parameters, bf16=ln.bf16, world=ln.workers, rank_memory_bytes=memory)
+    log.info("learner ZeRO stage %d (auto: %s parameters, %s per rank)", stage,
+             f"{parameters:,}" if parameters else "unknown", f"{memory / 1e9:.0f} GB" if memory else "memory unknown")
+    return stage
 
 
 def gpus_needed(cfg: GrpoAConfig) -> int:
@@ -462,7 +491,8 @@ class Trainer:
         ro, ln = cfg.rollout, cfg.learner
         update_seqs = cfg.prompts_per_update * ro.n
         per_rank = math.ceil(update_seqs / ln.workers)
-        settings = dict(zero_stage=ln.zero_stage, bf16=ln.bf16, lr=ln.lr, weight_decay=ln.weight_decay,
+        settings = dict(zero_stage=learner_zero_stage(cfg, self.policy), bf16=ln.bf16, lr=ln.lr,
+                        weight_decay=ln.weight_decay,
                         grad_clip=ln.grad_clip, micro_batch=ln.micro_batch,
                         grad_accum=math.ceil(per_rank / ln.micro_batch), clip_ratio_low=ln.clip_ratio_low,
                         clip_ratio_high=ln.clip_ratio_high, dual_clip=ln.dual_clip,
@@ -662,7 +692,9 @@ class Trainer:
         minibatches = [lean[i:i + per_update] for i in range(0, len(lean), per_update)]
         totals = [{"tokens": sum(len(x["response_ids"]) for x in mb), "sequences": len(mb)} for mb in minibatches]
         W = self.learner.size
-        refs = [w.update.remote([mb[r::W] for mb in minibatches], totals, lean[0], version)
+        # each rank a contiguous share, so a prompt's samples stay together (its prompt runs once)
+        refs = [w.update.remote([mb[r * len(mb) // W:(r + 1) * len(mb) // W] for mb in minibatches], totals,
+                                lean[0], version)
                 for r, w in enumerate(self.learner.actors)]
         return refs, adv, len(minibatches)
 

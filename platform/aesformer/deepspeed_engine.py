@@ -32,6 +32,8 @@ Typical use inside ``train_loop_per_worker``::
 """
 from __future__ import annotations
 
+import json
+
 import contextlib
 import logging
 import os
@@ -199,6 +201,44 @@ def load_checkpoint(engine: Any, directory: str | os.PathLike) -> dict:
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {directory}")
     return dict((client_state or {}).get(CLIENT_KEY, {}))
+
+
+def choose_zero_stage(parameters: int, *, bf16: bool, world: int, rank_memory_bytes: float,
+                      headroom: float = 0.5) -> int:
+    """ZeRO-2 when a whole copy of the weights and gradients plus this rank's
+    share of the optimizer states (Adam: fp32 moments, and fp32 master
+    weights under bf16) takes at most ``headroom`` of a rank's memory (the
+    rest is for activations); otherwise ZeRO-3, which partitions the weights
+    too and pays a gather of every layer in every forward and backward pass."""
+    weight = 2 if bf16 else 4
+    optimizer = 12 if bf16 else 8
+    per_rank = parameters * 2 * weight + parameters * optimizer / max(1, world)
+    return 2 if per_rank <= headroom * rank_memory_bytes else 3
+
+
+def count_parameters(location: str) -> Optional[int]:
+    """Parameters of the model folder at ``location`` (a path or a URI),
+    from its safetensors headers alone; None when it has none."""
+    import struct
+
+    from aesformer import storage
+
+    files = [f for f in storage.listdir(location) if f.endswith(".safetensors")]
+    if not files:
+        return None
+    total = 0
+    for name in files:
+        fs, path = storage.filesystem(storage.join(location, name))
+        with fs.open_input_file(path) as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in entry["shape"]:
+                    n *= int(d)
+                total += n
+    return total
 
 
 @contextlib.contextmanager

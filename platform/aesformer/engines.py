@@ -292,6 +292,97 @@ def sequence_logprobs(model: Any, inputs: Mapping[str, Any], temperature: float 
     return logp, entropy * mask
 
 
+def prompt_key(processor: Any, request: Request) -> tuple:
+    """What makes two requests the same prompt: the templated text and the
+    very same image objects (a group's samples share them)."""
+    return prompt_text(processor, request), tuple(id(im) for im in request_images(request))
+
+
+def response_logprobs(model: Any, processor: Any, requests: Sequence[Request], responses: Sequence[Sequence[int]],
+                      temperature: float = 1.0, *, banned_ids: Optional[Sequence[int]] = None,
+                      max_pixels: Optional[int] = None, with_entropy: bool = False,
+                      max_batch: Optional[int] = None, fixed_passes: bool = False):
+    """What :func:`sequence_logprobs` gives over :func:`policy_inputs`, but
+    each distinct prompt runs once and the responses continue it
+    (``aesformer.continuations``): returns log-probs [B, R], the entropy
+    [B, R] (None unless asked) and the response mask [B, R]. Differentiable
+    when called with grad enabled.
+
+    Responses are batched by length (at most ``max_batch`` per batch), each
+    batch one pass over its distinct prompts and one over the responses.
+    ``fixed_passes``: the whole call is exactly those two passes, whatever
+    the rows (ZeRO-3 ranks must run the same number of forward passes)."""
+    import torch
+
+    from aesformer.continuations import continue_pass, length_buckets, prompt_groups, prompt_pass
+    from aesformer.grpo import entropy_from_logits, token_logprobs
+
+    if len(requests) != len(responses):
+        raise ValueError(f"{len(requests)} requests but {len(responses)} responses")
+    width = max([1] + [len(r) for r in responses])
+    pad_id = _pad_id(processor)
+    groups = prompt_groups([prompt_key(processor, r) for r in requests])
+    prompt_of = {i: g for g, members in enumerate(groups) for i in members}
+    encoded: dict[int, dict] = {}
+
+    def encode(g: int) -> dict:
+        if g not in encoded:
+            req = requests[groups[g][0]]
+            images = [prepare_image(im, max_pixels) for im in request_images(req)]
+            encoded[g] = dict(processor(text=[prompt_text(processor, req)], images=images or None,
+                                        return_tensors="pt"))
+        return encoded[g]
+
+    if fixed_passes:
+        batches = [list(range(len(requests)))]
+    else:  # a prompt's responses together where lengths allow, so the prompt runs once
+        batches = [[i for b in bucket for i in groups[b]] for bucket in
+                   length_buckets([max(len(responses[i]) for i in g) for g in groups], max_batch=1 << 30)]
+        batches = [batch[k:k + (max_batch or len(batch))] for batch in batches
+                   for k in range(0, len(batch), max_batch or len(batch))]
+    rows_logp: dict[int, Any] = {}
+    rows_entropy: dict[int, Any] = {}
+    for batch in batches:
+        prompts = list(dict.fromkeys(prompt_of[i] for i in batch))
+        state = prompt_pass(model, left_padded([encode(g) for g in prompts], pad_id))
+        rows = [prompts.index(prompt_of[i]) for i in batch]
+        longest = max(1, max(len(responses[i]) for i in batch))
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.float32)
+        for j, i in enumerate(batch):
+            ids[j, :len(responses[i])] = torch.tensor([int(t) for t in responses[i]], dtype=torch.long)
+            mask[j, :len(responses[i])] = 1.0
+        # the prompt's last logit predicts response token 0; token t's logit predicts t+1
+        first = state.last_logits[torch.tensor(rows, device=state.last_logits.device)].unsqueeze(1)
+        if longest > 1 or fixed_passes:
+            logits, _ = continue_pass(model, state, rows, ids[:, :max(1, longest - 1)], mask[:, :max(1, longest - 1)])
+            picked = torch.cat([first, logits[:, :longest - 1]], dim=1).float()
+        else:
+            picked = first.float()
+        if temperature != 1.0:
+            picked = picked / temperature
+        picked = mask_logits(picked, banned_ids)
+        mask = mask.to(picked.device)
+        labels = torch.where(mask > 0, ids.to(picked.device), torch.full_like(ids, -100, device=picked.device))
+        logp = token_logprobs(picked, labels) * mask
+        if with_entropy:
+            with torch.no_grad():  # a metric: no gradient, and no [B, R, V] kept alive for backward
+                entropy = entropy_from_logits(picked) * mask
+        for j, i in enumerate(batch):
+            rows_logp[i] = logp[j]
+            if with_entropy:
+                rows_entropy[i] = entropy[j]
+    device = next(iter(rows_logp.values())).device if rows_logp else "cpu"
+
+    def stacked(rows: dict) -> Any:
+        return torch.stack([torch.nn.functional.pad(rows[i], (0, width - rows[i].shape[0])) for i in range(len(requests))])
+
+    out_mask = torch.zeros(len(requests), width, dtype=torch.float32, device=device)
+    for i, r in enumerate(responses):
+        out_mask[i, :len(r)] = 1.0
+    return stacked(rows_logp), (stacked(rows_entropy) if with_entropy else None), out_mask
+
+
 def _pad_id(processor: Any) -> int:
     tok = getattr(processor, "tokenizer", processor)
     pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -334,6 +425,84 @@ def mask_logits(logits: Any, banned: Optional[Sequence[int]]) -> Any:
     return logits
 
 
+def _is_sequence(key: str, value: Any, enc: Mapping[str, Any]) -> bool:
+    """Whether a processor output runs along the tokens (ids, mask, token types)."""
+    ids = enc["input_ids"]
+    return hasattr(value, "dim") and value.dim() == 2 and tuple(value.shape) == tuple(ids.shape)
+
+
+def left_padded(encs: Sequence[Mapping[str, Any]], pad_id: int, length: Optional[int] = None) -> dict:
+    """One batch from single-row processor outputs (each cut to its first
+    ``length`` tokens when given), left-padded so that every row ends at the
+    last column; vision tensors are concatenated in row order."""
+    import torch
+
+    rows = [{k: (v[:, :length] if length and _is_sequence(k, v, e) else v) for k, v in e.items()} for e in encs]
+    longest = max(r["input_ids"].shape[1] for r in rows)
+    out: dict[str, list] = {}
+    for r in rows:
+        pad = longest - r["input_ids"].shape[1]
+        for k, v in r.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            if _is_sequence(k, v, r):
+                fill = pad_id if k == "input_ids" else 0
+                v = torch.cat([torch.full((1, pad), fill, dtype=v.dtype), v], dim=1)
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _top_p(probs: Any, top_p: float) -> Any:
+    """The nucleus of ``probs`` [B, V]: the most likely tokens whose mass
+    first reaches ``top_p`` (at least one), renormalised."""
+    import torch
+
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+    sorted_probs = sorted_probs.masked_fill(before > top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+# an opening shorter than this is not worth a pass of its own
+MIN_SHARED_OPENING = 16
+
+
+def _shared_openings(encs: Sequence[Mapping[str, Any]], image_keys: Sequence[tuple]) -> list[tuple[list[int], int]]:
+    """Consecutive encoded requests grouped by a common opening: the same
+    images and the same first tokens, with every image token inside the
+    opening and at least one token of each request after it. Returns
+    (indices, opening length) per group; a lone request is a group of one."""
+    def vision_end(enc) -> int:
+        types = enc.get("mm_token_type_ids")
+        if types is None:
+            return 0
+        nonzero = (types[0] != 0).nonzero()
+        return int(nonzero.max()) + 1 if len(nonzero) else 0
+
+    def common(a, b) -> int:
+        n = min(len(a), len(b))
+        diff = (a[:n] != b[:n]).nonzero()
+        return int(diff[0]) if len(diff) else n
+
+    groups: list[tuple[list[int], int]] = []
+    for i, enc in enumerate(encs):
+        ids = enc["input_ids"][0]
+        if groups:
+            members, shared = groups[-1]
+            first = encs[members[0]]["input_ids"][0]
+            q = min(common(first, ids), len(ids) - 1, shared)
+            floor = max(MIN_SHARED_OPENING, vision_end(encs[members[0]]))
+            # join while the opening stays long: a group's plans share instructions, photo and reference
+            if image_keys[i] == image_keys[members[0]] and q >= floor and q >= shared - max(8, shared // 10):
+                groups[-1] = (members + [i], q)
+                continue
+        groups.append(([i], len(ids) - 1))
+    return groups
+
+
 # -- transformers engine ----------------------------------------------------------------
 
 class HFEngine:
@@ -373,79 +542,124 @@ class HFEngine:
             eos_token_id=self.eos_ids or None, pad_token_id=self.pad_id,
             bos_token_id=getattr(self.model.generation_config, "bos_token_id", None))
 
-    # the prompts of a batch, left-padded so generation continues every row
-    def _encode(self, requests: Sequence[Request]):
-        texts, images = [], []
-        for req in requests:
-            texts.append(prompt_text(self.processor, req))
-            images.extend(prepare_image(im, self.max_pixels) for im in request_images(req))
-        enc = self.processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items()}
+    # -- prompts: each request encoded on its own, batches built from those ---------------
+    def _encode_one(self, request: Request) -> dict:
+        images = [prepare_image(im, self.max_pixels) for im in request_images(request)]
+        return dict(self.processor(text=[prompt_text(self.processor, request)], images=images or None,
+                                   return_tensors="pt"))
+
+    def _left_padded(self, encs: Sequence[dict], length: Optional[int] = None) -> dict:
+        return {k: v.to(self.device) for k, v in left_padded(encs, self.pad_id, length).items()}
 
     def generate(self, requests: Sequence[Request], sampling: Any = None) -> list[list[Completion]]:
+        """Each prompt runs once; its ``n`` samples, and those of the other
+        prompts of a length bucket, decode together as one batch."""
         import torch
 
+        from aesformer.continuations import length_buckets
+
         s = SamplingSettings.of(sampling)
-        out: list[list[Completion]] = []
+        out: list[Optional[list[Completion]]] = [None] * len(requests)
         rng = torch.random.fork_rng(devices=[]) if s.seed is not None else contextlib.nullcontext()
         with rng, torch.no_grad():
             if s.seed is not None:
                 torch.manual_seed(s.seed)
-            for start in range(0, len(requests), self.batch_size):
-                out.extend(self._generate_batch(requests[start:start + self.batch_size], s))
-        return out
+            encs = [self._encode_one(r) for r in requests]
+            for bucket in length_buckets([e["input_ids"].shape[1] for e in encs], max_batch=self.batch_size):
+                for i, group in zip(bucket, self._sample(self._left_padded([encs[i] for i in bucket]), s)):
+                    out[i] = group
+        return out  # type: ignore[return-value]
 
-    def _generate_batch(self, requests: Sequence[Request], s: SamplingSettings) -> list[list[Completion]]:
+    def _sample(self, enc: dict, s: SamplingSettings) -> list[list[Completion]]:
         import torch
 
-        enc = self._encode(requests)
+        from aesformer.continuations import continue_pass, prompt_pass, select_cache
+
+        state = prompt_pass(self.model, enc)
+        prompts = enc["input_ids"].shape[0]
+        rows = torch.arange(prompts).repeat_interleave(s.n)  # sample j of prompt i is row i*n + j
+        cache = select_cache(self.model, state.cache, rows)
+        last = state.last_logits[rows.to(state.last_logits.device)]
         greedy = s.temperature <= 1e-5
-        gen = self.model.generate(
-            **enc, do_sample=not greedy, temperature=None if greedy else s.temperature,
-            top_p=None if greedy or s.top_p >= 1.0 else s.top_p, top_k=None,
-            max_new_tokens=s.max_tokens, num_return_sequences=s.n, suppress_tokens=self.banned_ids or None,
-            output_logits=True, return_dict_in_generate=True)
-        prompt_len = enc["input_ids"].shape[1]
-        seqs = gen.sequences[:, prompt_len:]
-        if gen.logits:
-            logits = torch.stack(gen.logits, dim=1).float()  # [B*n, T, V] raw model logits
-            if not greedy:
-                logits = logits / s.temperature
+        eos = torch.tensor(self.eos_ids or [-1], device=last.device)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=last.device)
+        tokens, logps = [], []
+        for t in range(s.max_tokens):
+            logits = last.float() if greedy else last.float() / s.temperature
             logits = mask_logits(logits, self.banned_ids)
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, seqs[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
-        else:
-            logp = torch.zeros(seqs.shape, dtype=torch.float32)
+            logp_all = torch.log_softmax(logits, dim=-1)
+            if greedy:
+                token = logits.argmax(dim=-1)
+            else:
+                token = torch.multinomial(_top_p(logp_all.exp(), s.top_p), 1).squeeze(1)
+            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
+            tokens.append(token)
+            logps.append(logp_all.gather(1, token.unsqueeze(1)).squeeze(1))
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()) or t == s.max_tokens - 1:
+                break
+            logits, cache = continue_pass(self.model, state, rows, token.unsqueeze(1),
+                                          torch.ones(len(rows), 1), cache=cache, start=t, logits_to_keep=1)
+            last = logits[:, -1]
+        seqs = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(len(rows))]
+        lps = torch.stack(logps, dim=1).tolist() if logps else [[] for _ in range(len(rows))]
+        eos_set = set(self.eos_ids)
         results: list[list[Completion]] = []
-        eos = set(self.eos_ids)
-        for i in range(len(requests)):
+        for i in range(prompts):
             group = []
             for j in range(s.n):
-                row = i * s.n + j
-                ids = seqs[row].tolist()
-                cut, reason = len(ids), "length"
-                for k, t in enumerate(ids):
-                    if t in eos:
-                        cut, reason = k + 1, "stop"
-                        break
-                ids = ids[:cut]
-                text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-                group.append(Completion(ids, [float(x) for x in logp[row, :cut].tolist()], text, reason))
+                ids, lp = seqs[i * s.n + j], lps[i * s.n + j]
+                cut = next((k + 1 for k, tok in enumerate(ids) if tok in eos_set), None)
+                reason = "stop" if cut is not None else "length"
+                cut = len(ids) if cut is None else cut
+                text = self.processor.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+                group.append(Completion(ids[:cut], [float(x) for x in lp[:cut]], text, reason))
             results.append(group)
         return results
 
     def score_tokens(self, requests: Sequence[Request], token_ids: Sequence[int]) -> Any:
         """[B, K] log-probs (over the full vocabulary) of ``token_ids`` as the
-        first generated token, from one batched forward pass."""
+        first generated token. Consecutive requests that open with the same
+        tokens and images (a judge's instructions and photo, then each plan)
+        run that opening once and their tails as a batch; the others run in
+        length buckets."""
         import torch
 
+        from aesformer.continuations import continue_pass, length_buckets, prompt_pass
+
         ids = torch.tensor([int(t) for t in token_ids], dtype=torch.long)
-        rows = []
+        encs = [self._encode_one(r) for r in requests]
+        last: dict[int, Any] = {}
+        singles: list[int] = []
         with torch.no_grad():
-            for start in range(0, len(requests), self.batch_size):
-                enc = self._encode(requests[start:start + self.batch_size])
-                logits = self.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
-                rows.append(torch.log_softmax(logits, dim=-1)[:, ids.to(logits.device)].cpu())
-        return torch.cat(rows) if rows else torch.zeros(0, len(ids))
+            for group, shared in _shared_openings(encs, [tuple(id(im) for im in request_images(r)) for r in requests]):
+                if len(group) == 1:
+                    singles.extend(group)
+                    continue
+                state = prompt_pass(self.model, self._left_padded([encs[group[0]]], shared))
+                tails = [encs[i]["input_ids"][0, shared:] for i in group]  # each member's own tokens
+                for batch in length_buckets([len(t) for t in tails], max_batch=self.batch_size):
+                    width = max(len(tails[b]) for b in batch)
+                    tokens = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                    mask = torch.zeros(len(batch), width)
+                    for j, b in enumerate(batch):
+                        tokens[j, :len(tails[b])] = tails[b]
+                        mask[j, :len(tails[b])] = 1.0
+                    ends = sorted({len(tails[b]) - 1 for b in batch})  # each row's last real position
+                    logits, _ = continue_pass(self.model, state, [0] * len(batch), tokens, mask,
+                                              logits_to_keep=torch.tensor(ends))
+                    for j, b in enumerate(batch):
+                        last[group[b]] = logits[j, ends.index(len(tails[b]) - 1)]
+            lengths = [encs[i]["input_ids"].shape[1] for i in singles]
+            for bucket in length_buckets(lengths, max_batch=self.batch_size):
+                members = [singles[b] for b in bucket]
+                state = prompt_pass(self.model, self._left_padded([encs[i] for i in members]))
+                for j, i in enumerate(members):
+                    last[i] = state.last_logits[j]
+        if not requests:
+            return torch.zeros(0, len(ids))
+        logits = torch.stack([last[i] for i in range(len(requests))]).float()
+        return torch.log_softmax(logits, dim=-1)[:, ids.to(logits.device)].cpu()
 
     def update_weights(self, meta: Sequence[Mapping[str, Any]], buffer: Union[bytes, memoryview]) -> int:
         """Load packed weights (names as in the HF checkpoint) in place;
