@@ -510,7 +510,7 @@ def write_dir(location: Location, write: Callable[[Path], Any]) -> str:
         from aesformer.atomic import write_dir as write_local
 
         return str(write_local(_local(location), write))
-    location = str(location).rstrip("/")
+    given, location = str(location), str(location).rstrip("/")
     up = parent(location)
     # leftovers of writes of this folder that died (a folder has one writer at a time)
     for entry in listdir(up):
@@ -530,7 +530,7 @@ def write_dir(location: Location, write: Callable[[Path], Any]) -> str:
                 remove(staged)
             except OSError as e:  # a leftover the next write of this folder removes
                 log.warning("could not remove the staging folder %s: %s", staged, e)
-    return location
+    return given
 
 
 def _swap(location: str, staged: str, local: Path, files: dict[str, int], token: str) -> None:
@@ -598,7 +598,7 @@ def local_copy(location: Location, cache: Optional[Location] = None) -> str:
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
     cache = Path(cache).expanduser() if cache is not None else model_cache()
     cache.mkdir(parents=True, exist_ok=True)
-    for attempt in range(3):
+    for _ in range(3):
         manifest = _manifest(uri)
         if manifest is None:
             content = _fingerprint(uri)
@@ -613,7 +613,9 @@ def local_copy(location: Location, cache: Optional[Location] = None) -> str:
                 try:
                     download(uri, tmp / "d", None if manifest is None else sorted(manifest["files"]))
                     again = _manifest(uri)
-                except (FileNotFoundError, IncompleteFolder):
+                except OSError:  # a file went: the folder is being written again
+                    if manifest is None:
+                        raise
                     again = {}
                 if manifest is None or again == manifest:  # nobody rewrote it meanwhile
                     os.replace(tmp / "d", final)
