@@ -13,7 +13,7 @@ import pytest
 from aesformer.config import RayConfig
 from aesformer.stages import StagePlacementError, model_stage, stage_errors
 
-pytestmark = pytest.mark.timeout(120) if hasattr(pytest.mark, "timeout") else []
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
