@@ -90,3 +90,14 @@ def test_a_pool_that_cannot_start_fails_naming_the_stage(ray):
             stage_errors(RayConfig(placement_timeout=2)):
         ds.take_all()
     assert time.perf_counter() - t0 < 20
+
+
+def test_an_operator_fused_with_its_neighbours_is_named_by_its_model_stage():
+    from aesformer.stages import deadline_class, stage_of
+
+    wrapped = deadline_class(Sleepy, "sleepy", 5)
+    assert wrapped.__name__ == "Sleepy" and wrapped.stage == "sleepy"  # Ray Data names the operator after it
+    assert stage_of("Map(load_photo)->MapBatches(Sleepy)") == "sleepy"
+    assert stage_of("MapBatches(Unknown)") is None
+    with pytest.raises(ValueError, match="ray.call_timeout must be positive"):
+        deadline_class(Sleepy, "sleepy", 0)
