@@ -154,6 +154,7 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
     from aesformer.editor_cache import cache_index, content_key, encoder_settings, settings_folder, with_keys
     from aesformer.data import PAIR_SCHEMA, iter_pairs, read_ray
     from aesformer.pipeline import normalise_plan
+    from aesformer.stages import model_stage, stage_errors
 
     settings = encoder_settings(editor_path, dtype=cfg.cache.dtype, control_area=cfg.control_area,
                                 condition_area=cfg.condition_area, target_area=cfg.target_area,
@@ -183,8 +184,8 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
         pairs = (ray.data.from_arrow(pa.Table.from_pylist(kept, schema=pa.schema([PAIR_SCHEMA.field(c) for c in cols])))
                  if kept is not None else read_ray(data, columns=cols).filter(lambda r: r["id"] in missing))
         todo = pairs.map_batches(with_keys, batch_format="pyarrow", batch_size=16)
-        out = todo.map_batches(
-            CacheEncoder, batch_format="pyarrow", batch_size=cfg.cache.batch_size,
+        out = model_stage(
+            todo, "cache", CacheEncoder, cfg.ray, batch_format="pyarrow", batch_size=cfg.cache.batch_size,
             compute=ActorPoolStrategy(size=cfg.cache.pool_size),
             num_gpus=cfg.cache.num_gpus, num_cpus=cfg.cache.num_cpus,
             fn_constructor_kwargs=dict(editor_path=editor_path, cache_folder=str(folder),
@@ -192,7 +193,8 @@ def build_cache(cfg: EditorLoraConfig, editor_path: str, data: str, ids: set[str
                                        target_area=cfg.target_area, aspects=cfg.aspects, dtype=cfg.cache.dtype,
                                        device="cuda" if cfg.cache.num_gpus else "cpu",
                                        editor_name=cfg.models.editor, offload=cfg.cache.offload))
-        encoded = sum(r["encoded"] for r in out.select_columns(["encoded"]).iter_rows())
+        with stage_errors(cfg.ray):
+            encoded = sum(r["encoded"] for r in out.select_columns(["encoded"]).iter_rows())
         index = cache_index(folder)
     entries = {i: index[k] for i, k in id_keys.items() if k in index}
     stats = {"pairs": len(id_keys), "hits": len(id_keys) - len(missing), "encoded": encoded,

@@ -207,6 +207,7 @@ def generate(cfg: EvaluateConfig, spec, models: dict, folder: Path, photos: list
     from aesformer.actors.evaluate import EndpointThinker, shuffled, with_instruction
     from aesformer.actors.reconstruct import EditorPool, ThinkerPool, load_photo
     from aesformer.evaluation.systems import GENERIC_INSTRUCTION
+    from aesformer.stages import model_stage, stage_errors
 
     if spec.editor == "identity":
         return identity_outputs(folder, photos)
@@ -220,25 +221,28 @@ def generate(cfg: EvaluateConfig, spec, models: dict, folder: Path, photos: list
     elif spec.thinker == "endpoint":
         if not cfg.thinker_endpoint.base_url or not cfg.thinker_endpoint.model:
             raise ConfigError(f"system '{spec.name}' uses a thinker endpoint: set thinker_endpoint.base_url and .model")
-        dataset = dataset.map_batches(EndpointThinker, batch_format="pyarrow", batch_size=th.batch_size,
-                            compute=ActorPoolStrategy(size=1), num_cpus=0.5,
-                            fn_constructor_kwargs=dict(endpoint=asdict(cfg.thinker_endpoint), instruction=th.instruction,
-                                                       sampling=dict(sampling, seed=seed)))
+        dataset = model_stage(dataset, "thinker", EndpointThinker, cfg.ray, batch_format="pyarrow",
+                              batch_size=th.batch_size, compute=ActorPoolStrategy(size=1), num_cpus=0.5,
+                              fn_constructor_kwargs=dict(endpoint=asdict(cfg.thinker_endpoint),
+                                                         instruction=th.instruction,
+                                                         sampling=dict(sampling, seed=seed)))
     else:
         engine_options = dict(dtype=th.dtype if th.num_gpus else "float32", max_pixels=th.max_pixels,
                               batch_size=th.batch_size)
         if th.engine != "hf" and th.num_gpus:
             engine_options = dict(dtype=th.dtype, max_pixels=th.max_pixels, tensor_parallel_size=th.tensor_parallel,
                                   seed=seed)
-        dataset = dataset.map_batches(
-            ThinkerPool, batch_format="pyarrow", batch_size=th.batch_size, compute=ActorPoolStrategy(size=th.pool),
+        dataset = model_stage(
+            dataset, "thinker", ThinkerPool, cfg.ray, batch_format="pyarrow", batch_size=th.batch_size,
+            compute=ActorPoolStrategy(size=th.pool),
             num_gpus=th.num_gpus * th.tensor_parallel, num_cpus=th.num_cpus,
             fn_constructor_kwargs=dict(model_path=models["thinker"], engine=th.engine, engine_options=engine_options,
                                        sampling=sampling, instruction=th.instruction, seed=seed))
     if spec.shuffle_dimensions:
         dataset = dataset.map(shuffled, fn_kwargs=dict(seed=seed))
-    dataset = dataset.map_batches(
-        EditorPool, batch_format="pyarrow", batch_size=ed.batch_size, compute=ActorPoolStrategy(size=ed.pool),
+    dataset = model_stage(
+        dataset, "editor", EditorPool, cfg.ray, batch_format="pyarrow", batch_size=ed.batch_size,
+        compute=ActorPoolStrategy(size=ed.pool),
         num_gpus=ed.num_gpus, num_cpus=ed.num_cpus,
         fn_constructor_kwargs=dict(editor_path=models["editor"], out_dir=str(folder), lora=models["lora"],
                                    control_area=ed.control_area, condition_area=ed.condition_area,
@@ -247,7 +251,7 @@ def generate(cfg: EvaluateConfig, spec, models: dict, folder: Path, photos: list
                                    device="cuda" if ed.num_gpus else "cpu", seed=seed, height=ed.height,
                                    width=ed.width, editor_name=cfg.models.editor, offload=ed.offload))
     made = 0
-    with Progress(f"generate {spec.name}", len(items), "photos") as bar:
+    with Progress(f"generate {spec.name}", len(items), "photos") as bar, stage_errors(cfg.ray):
         for rec in dataset.iter_rows():
             made += rec["status"] == "ok"
             log.info("%s seed %d: %s %s", spec.name, seed, rec["name"], rec["status"], extra=DETAIL)
@@ -331,16 +335,17 @@ def ask_judge(cfg: EvaluateConfig, rows: list[dict], store) -> dict:
     from ray.data import ActorPoolStrategy
 
     from aesformer.models import resolve_model
+    from aesformer.stages import model_stage, stage_errors
 
     path = resolve_model(j.model or cfg.models.judge, cfg.models.cache_dir, "judge.model")
     options = dict(dtype=j.dtype if j.num_gpus else "float32", max_pixels=j.max_pixels)
     if j.engine == "hf":
         options["batch_size"] = j.batch_size
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), 64))
-    dataset = dataset.map_batches(LocalJudge, batch_format="pyarrow", batch_size=j.batch_size, compute=ActorPoolStrategy(size=j.pool),
-                        num_gpus=j.num_gpus, num_cpus=j.num_cpus,
-                        fn_constructor_kwargs=dict(model_path=path, engine=j.engine, engine_options=options))
-    with Progress("judge", len(rows), "judgements") as bar:
+    dataset = model_stage(dataset, "judge", LocalJudge, cfg.ray, batch_format="pyarrow", batch_size=j.batch_size,
+                          compute=ActorPoolStrategy(size=j.pool), num_gpus=j.num_gpus, num_cpus=j.num_cpus,
+                          fn_constructor_kwargs=dict(model_path=path, engine=j.engine, engine_options=options))
+    with Progress("judge", len(rows), "judgements") as bar, stage_errors(cfg.ray):
         for rec in dataset.iter_rows():
             keep(dict(rec))
             bar.update(1)

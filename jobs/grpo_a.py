@@ -380,7 +380,7 @@ def prepare_policy(path: str, out: str) -> str:
     vocab = processor.tokenizer.get_vocab()
     if all(t in vocab for t in SPECIAL_TOKENS):
         return path
-    if storage.exists(storage.join(out, "config.json")):
+    if storage.exists(storage.join(out, "config.json")) and storage.is_complete(out):
         return str(out)
     from aesformer.models import add_plan_tokens, load_vlm
 
@@ -931,6 +931,7 @@ def run(cfg: GrpoAConfig) -> dict:
                     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps or stopping:
                         t = time.perf_counter()
                         folder = storage.join(ckpt_root, f"step-{step:06d}")
+                        checkpoints.begin(folder)  # one left by an earlier run is no checkpoint while rewritten
                         trainer.learner.get_all("save", str(folder), {"step": step})
                         checksum = trainer.learner.get_all("checksum")[0]
                         checkpoints.write_state(folder, {

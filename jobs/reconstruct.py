@@ -189,6 +189,7 @@ def run(cfg: ReconstructConfig) -> dict:
     from aesformer.actors.reconstruct import EditorPool, ThinkerPool, load_photo
     from aesformer.models import resolve_model
     from aesformer.pipeline import render_settings
+    from aesformer.stages import model_stage, stage_errors
 
     out = Path(cfg.output)
     check_cluster(cfg, init_ray(cfg.ray))  # before any model loads or the tracker starts
@@ -212,15 +213,15 @@ def run(cfg: ReconstructConfig) -> dict:
             dataset = ray.data.from_items(todo, override_num_blocks=min(len(todo), 64))
             dataset = dataset.map(load_photo, fn_kwargs=dict(min_side=cfg.min_side, max_pixels=cfg.max_pixels,
                                                    max_input_pixels=cfg.max_input_pixels))
-            dataset = dataset.map_batches(
-                ThinkerPool, batch_format="pyarrow", batch_size=th.batch_size,
+            dataset = model_stage(
+                dataset, "thinker", ThinkerPool, cfg.ray, batch_format="pyarrow", batch_size=th.batch_size,
                 compute=ActorPoolStrategy(size=th.pool), num_gpus=th.num_gpus * th.tensor_parallel, num_cpus=th.num_cpus,
                 fn_constructor_kwargs=dict(model_path=thinker_path, engine=th.engine, engine_options=engine_options,
                                            sampling=dict(temperature=th.temperature, top_p=th.top_p,
                                                          max_tokens=th.max_tokens),
                                            instruction=th.instruction, seed=cfg.seed))
-            dataset = dataset.map_batches(
-                EditorPool, batch_format="pyarrow", batch_size=ed.batch_size,
+            dataset = model_stage(
+                dataset, "editor", EditorPool, cfg.ray, batch_format="pyarrow", batch_size=ed.batch_size,
                 compute=ActorPoolStrategy(size=ed.pool), num_gpus=ed.num_gpus, num_cpus=ed.num_cpus,
                 fn_constructor_kwargs=dict(editor_path=editor_path, out_dir=str(out), lora=cfg.lora,
                                            control_area=ed.control_area, condition_area=ed.condition_area,
@@ -230,7 +231,7 @@ def run(cfg: ReconstructConfig) -> dict:
                                            device="cuda" if ed.num_gpus else "cpu", seed=render["seed"],
                                            height=render["height"], width=render["width"], editor_name=cfg.models.editor,
                                            offload=ed.offload))
-            with Progress("reconstruct", len(todo), "photos") as photos:
+            with Progress("reconstruct", len(todo), "photos") as photos, stage_errors(cfg.ray):
                 for rec in dataset.iter_rows():
                     new.append(rec)
                     status = rec["status"] if rec["status"] == "ok" else f"{rec['status']} ({rec['reason']})"

@@ -32,6 +32,7 @@ from aesformer.cluster import init_ray
 from aesformer.config import ConfigError, JobConfig
 from aesformer.job import run_job
 from aesformer.progress import DETAIL, Progress
+from aesformer.stages import stage_errors
 from aesformer.tracking import Tracker
 from aesformer.vcmp.recorder import Recorder
 from aesformer.vcmp.settings import (AlignConfig, GoodFrameConfig, ImprovementConfig, IngestConfig, OverlayConfig,
@@ -175,6 +176,7 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
                                               RemoveOverlays, ScreenVideos, cpu_task_args, sample_batch,
                                               segment_batch)
     from aesformer.models import resolve_model
+    from aesformer.stages import model_stage
     from aesformer.vcmp import rows as R
 
     judge = resolve_model(cfg.models.judge, cfg.models.cache_dir, "models.judge")
@@ -187,32 +189,33 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
               "tensor_parallel": cfg.judge_tensor_parallel}
     screening = {**common, "tensor_parallel": cfg.screen_vlm_tensor_parallel or cfg.judge_tensor_parallel}
 
-    def pool(callable_cls, pc, **kwargs):
-        """map_batches arguments of a model stage: an actor pool sized from its config."""
+    def pool(dataset, name, callable_cls, **kwargs):
+        """The model stage ``name``: an actor pool sized from its config (pools.<name>), each call
+        under ray.call_timeout and the pool's start under ray.placement_timeout."""
+        pc = getattr(P, name)
         compute = (ActorPoolStrategy(min_size=pc.size, max_size=pc.max_size) if pc.max_size and pc.max_size > pc.size
                    else ActorPoolStrategy(size=pc.size))
-        return dict(fn=callable_cls, compute=compute, num_gpus=pc.num_gpus,
-                    num_cpus=pc.num_cpus, batch_size=pc.batch_size, batch_format="pyarrow",
-                    fn_constructor_kwargs={**kwargs, "batch_size": max(1, pc.batch_size * 4),
-                                           "num_gpus": pc.num_gpus})
+        return model_stage(dataset, name, callable_cls, cfg.ray, compute=compute, num_gpus=pc.num_gpus,
+                           num_cpus=pc.num_cpus, batch_size=pc.batch_size, batch_format="pyarrow",
+                           fn_constructor_kwargs={**kwargs, "batch_size": max(1, pc.batch_size * 4),
+                                                  "num_gpus": pc.num_gpus})
 
-    dataset = dataset.map_batches(**pool(ScreenVideos, P.screen, judge=screener, screen=cfg.screen, **screening))
+    dataset = pool(dataset, "screen", ScreenVideos, judge=screener, screen=cfg.screen, **screening)
     cpu = dict(ray_remote_args_fn=functools.partial(cpu_task_args, cfg.cpu_stage_cpus),
                compute=TaskPoolStrategy(size=cfg.cpu_stage_tasks), batch_size=1, batch_format="pyarrow")
     dataset = dataset.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
     dataset = dataset.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter,
                                                   "improvement": cfg.improvement}, **cpu)
     if cfg.fuse_pair_stages:  # one process and one judge (models.judge) for the good-frame to align stages
-        return dataset.map_batches(**pool(MinePairs, P.pairs, judge=judge, editor=editor, good=cfg.good_frame,
-                                     quality=cfg.quality, overlay=cfg.overlay, align=cfg.align, seed=cfg.seed,
-                                     image_format=cfg.sample.image_format, cache_dir=cfg.models.cache_dir,
-                                     **common))
-    dataset = dataset.map_batches(**pool(JudgeGoodFrames, P.good_frame, judge=screener, good=cfg.good_frame, **screening))
-    dataset = dataset.map_batches(**pool(FilterGoodImages, P.quality, judge=judge, quality=cfg.quality,
-                                         cache_dir=cfg.models.cache_dir, **common))
-    dataset = dataset.map_batches(**pool(RemoveOverlays, P.overlay, editor=editor, judge=judge, overlay=cfg.overlay,
-                               seed=cfg.seed, image_format=cfg.sample.image_format, **common))
-    dataset = dataset.map_batches(**pool(CheckAlignment, P.align, judge=judge, align=cfg.align, **common))
+        return pool(dataset, "pairs", MinePairs, judge=judge, editor=editor, good=cfg.good_frame,
+                    quality=cfg.quality, overlay=cfg.overlay, align=cfg.align, seed=cfg.seed,
+                    image_format=cfg.sample.image_format, cache_dir=cfg.models.cache_dir, **common)
+    dataset = pool(dataset, "good_frame", JudgeGoodFrames, judge=screener, good=cfg.good_frame, **screening)
+    dataset = pool(dataset, "quality", FilterGoodImages, judge=judge, quality=cfg.quality,
+                   cache_dir=cfg.models.cache_dir, **common)
+    dataset = pool(dataset, "overlay", RemoveOverlays, editor=editor, judge=judge, overlay=cfg.overlay,
+                   seed=cfg.seed, image_format=cfg.sample.image_format, **common)
+    dataset = pool(dataset, "align", CheckAlignment, judge=judge, align=cfg.align, **common)
     return dataset
 
 
@@ -267,7 +270,8 @@ def run(cfg: VcmpConfig) -> dict:
         if videos:
             dataset = build_pipeline(cfg, ray, videos)
             t1 = time.perf_counter()
-            with tracker.phase("pipeline"), Progress("vcmp", len(videos), "videos") as recorder.progress:
+            with tracker.phase("pipeline"), Progress("vcmp", len(videos), "videos") as recorder.progress, \
+                    stage_errors(cfg.ray):
                 for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in R.rows_of(batch):
                         recorder.add(row, len(videos))

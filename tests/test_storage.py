@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 from helpers import s3_server
@@ -146,3 +148,98 @@ def test_a_job_that_cannot_write_to_a_uri_says_so_before_any_work(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "reconstruct writes its output to a local or shared folder only" in err and "grpo_a" in err
+
+
+# -- folders at a URI appear complete or not at all ---------------------------------------
+
+def _model(version: str, files: int = 3):
+    def write(d):
+        (d / "config.json").write_text(json.dumps({"version": version}))
+        for i in range(files):
+            (d / f"weights-{i}.bin").write_bytes(version.encode() * 1000)
+    return write
+
+
+def test_a_folder_write_that_fails_half_way_leaves_the_previous_folder(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("AESFORMER_MODEL_CACHE", str(tmp_path / "cache"))
+    target = storage.join(root, "export")
+    storage.write_dir(target, _model("v1"))
+    real_upload = storage.upload
+
+    def dies_half_way(local, location):  # the second file's upload is where the writer dies
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+        storage.write_bytes(storage.join(location, files[0].name), files[0].read_bytes())
+        raise ConnectionError("the writer died")
+
+    monkeypatch.setattr(storage, "upload", dies_half_way)
+    with pytest.raises(ConnectionError):
+        storage.write_dir(target, _model("v2"))
+    monkeypatch.setattr(storage, "upload", real_upload)
+    # the previous folder, whole; nothing of the failed write beside it
+    assert storage.listdir(root) == ["export"]
+    copy = storage.local_copy(target)
+    assert json.loads(open(os.path.join(copy, "config.json")).read()) == {"version": "v1"}
+    assert sorted(os.listdir(copy)) == ["config.json", "weights-0.bin", "weights-1.bin", "weights-2.bin"]
+    storage.write_dir(target, _model("v3", files=1))
+    assert storage.listdir(target) == ["config.json", "weights-0.bin"]
+    assert json.loads(open(os.path.join(storage.local_copy(target), "config.json")).read())["version"] == "v3"
+
+
+def test_a_folder_whose_swap_died_is_seen_by_no_reader_until_written_again(root, tmp_path, monkeypatch):
+    from aesformer.config import ConfigError
+    from aesformer.data import find_dataset, finished_shards
+    from aesformer.synth import sample_aesrecon
+
+    monkeypatch.setenv("AESFORMER_MODEL_CACHE", str(tmp_path / "cache"))
+    local = tmp_path / "pairs"
+    sample_aesrecon(str(local), 4, 0)
+    pairs = storage.join(root, "run", "pairs")
+    copy_shards = lambda d: shutil.copytree(local, d, dirs_exist_ok=True)  # noqa: E731
+    storage.write_dir(pairs, copy_shards)
+    assert find_dataset(storage.join(root, "run")) == pairs and len(finished_shards(pairs)) == 1
+    real_parallel, real_swap = storage._parallel, storage._swap
+
+    def copies_die(jobs):
+        raise ConnectionError("the writer died")
+
+    def swap_dies(*args):  # the writer dies in the swap, once the old files are gone
+        monkeypatch.setattr(storage, "_parallel", copies_die)
+        real_swap(*args)
+
+    monkeypatch.setattr(storage, "_swap", swap_dies)
+    with pytest.raises(ConnectionError):
+        storage.write_dir(pairs, copy_shards)
+    monkeypatch.setattr(storage, "_swap", real_swap)
+    monkeypatch.setattr(storage, "_parallel", real_parallel)
+    assert finished_shards(pairs) == [] and not storage.is_complete(pairs)
+    with pytest.raises(ConfigError, match="being written, or its last write failed"):
+        find_dataset(storage.join(root, "run"))
+    with pytest.raises(storage.IncompleteFolder):
+        storage.local_copy(pairs)
+    storage.write_dir(pairs, copy_shards)  # the next write puts it right and leaves nothing behind
+    assert find_dataset(pairs) == pairs and storage.listdir(storage.join(root, "run")) == ["pairs"]
+    assert storage.local_copy(pairs)
+
+
+def test_a_reader_never_lists_a_half_written_checkpoint(root):
+    from aesformer import checkpoints
+
+    ckpts = storage.join(root, "checkpoints")
+    built = storage.join(root, "built")  # a checkpoint as a trainer writes it, state file last
+    storage.write_bytes(storage.join(built, "model", "weights.bin"), b"w" * 5000)
+    storage.write_bytes(storage.join(built, "optimizer.pt"), b"o" * 3000)
+    checkpoints.write_state(built, {"step": 2})
+    storage.write_dir(storage.join(ckpts, "step-000001"), _model("old", files=1))
+    checkpoints.write_state(storage.join(ckpts, "step-000001"), {"step": 1})
+    # another program copies it file by file, the state file first (Ray Train uploading a worker's folder)
+    half = storage.join(ckpts, "step-000002")
+    storage.write_bytes(storage.join(half, checkpoints.STATE_FILE),
+                        storage.read_bytes(storage.join(built, checkpoints.STATE_FILE)))
+    storage.write_bytes(storage.join(half, "optimizer.pt"), storage.read_bytes(storage.join(built, "optimizer.pt")))
+    assert [state["step"] for _, state in checkpoints.find(ckpts, "step-*")] == [1]
+    assert checkpoints.resolve_resume("auto", ckpts, "step-*")[1]["step"] == 1
+    storage.write_bytes(storage.join(half, "model", "weights.bin"), b"w" * 5000)
+    assert checkpoints.newest(ckpts, "step-*")[1]["step"] == 2
+    # a checkpoint written again is none while it is rewritten
+    checkpoints.begin(half)
+    assert checkpoints.newest(ckpts, "step-*")[1]["step"] == 1

@@ -2,8 +2,13 @@
 and resume.
 
 A checkpoint is a folder. Its state file, ``trainer_state.json``, is written
-last, so a folder with a readable state file is complete. ``resume`` means the
-same in every training job:
+last and lists the folder's other files with their sizes, so a folder whose
+state file reads and whose listed files are all there is complete: a folder
+another program uploads file by file (Ray Train copying a worker's checkpoint
+to shared storage) may show its state file before the rest, and is not taken
+until the rest is there. A folder written again is first made incomplete
+(:func:`begin`), and pruning removes the state file first. ``resume`` means
+the same in every training job:
 
 - ``auto`` (the default): continue from the newest complete checkpoint under
   the job's output, or start fresh when there is none;
@@ -34,18 +39,52 @@ def _folder(location: str | os.PathLike) -> Union[Path, str]:
     return str(location) if storage.is_uri(location) else Path(location)
 
 
+FILES_KEY = "files"  # in the state: {path relative to the folder: size} of the folder's other files
+
+
+def _files(folder: str | os.PathLike) -> dict[str, int]:
+    """{path relative to ``folder``: size} of its files but the state file."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path):].lstrip("/"): int(i.size) for i in infos
+            if i.type == pafs.FileType.File and i.path[len(path):].lstrip("/") != STATE_FILE}
+
+
+def begin(folder: str | os.PathLike) -> None:
+    """Before a checkpoint is written into ``folder``: the folder stops being
+    a complete checkpoint (its state file goes first, then what was in it), so
+    no reader takes a mix of the old checkpoint and the new one."""
+    storage.remove(storage.join(folder, STATE_FILE))
+    storage.remove(folder)
+
+
 def write_state(folder: str | os.PathLike, state: dict) -> Union[Path, str]:
-    """Write the state file, which marks the folder complete."""
-    return _folder(storage.write_json(storage.join(folder, STATE_FILE), dict(state), sort_keys=True))
+    """Write the state file, with the list of the folder's files; it marks
+    the folder complete (once those files are all where it is read)."""
+    state = {**state, FILES_KEY: _files(folder)}
+    return _folder(storage.write_json(storage.join(folder, STATE_FILE), state, sort_keys=True))
 
 
 def read_state(folder: str | os.PathLike) -> Optional[dict]:
-    """The folder's state, or None when it is not a complete checkpoint."""
+    """The folder's state, or None when it is not a complete checkpoint (no
+    readable state file, or a file the state lists missing or of another size)."""
     try:
         state = json.loads(storage.read_text(storage.join(folder, STATE_FILE)))
     except (OSError, ValueError):
         return None
-    return state if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        return None
+    listed = state.get(FILES_KEY)
+    if isinstance(listed, dict) and listed:
+        try:
+            have = _files(folder)
+        except OSError:
+            return None
+        if any(have.get(rel) != size for rel, size in listed.items()):
+            return None
+    return state
 
 
 def find(root: str | os.PathLike, pattern: str, required: Optional[str] = None) -> list[Checkpoint]:
@@ -74,6 +113,7 @@ def prune(root: str | os.PathLike, pattern: str, keep: int) -> list[Union[Path, 
     found = find(root, pattern)
     gone = [folder for folder, _ in (found[:-keep] if keep > 0 else [])]
     for folder in gone:
+        storage.remove(storage.join(folder, STATE_FILE))  # incomplete first: never half a checkpoint found
         storage.remove(folder)
     return gone
 

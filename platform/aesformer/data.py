@@ -300,7 +300,12 @@ def finished_shards(folder: PathLike) -> list[Any]:
     from aesformer import storage
 
     if storage.is_uri(folder):
-        return [storage.join(folder, n) for n in storage.listdir(folder) if SHARD_RE.match(n)]
+        try:  # a folder being written shows no shards; a finished one, the shards it was written with
+            written = storage.folder_files(folder)
+        except storage.IncompleteFolder:
+            return []
+        return [storage.join(folder, n) for n in storage.listdir(folder)
+                if SHARD_RE.match(n) and (written is None or n in written)]
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -343,6 +348,10 @@ def find_dataset(value: Optional[PathLike], key: str = "data") -> Path:
                 return candidate
         if not storage.exists(value):
             raise ConfigError(f"{key}='{value}' does not exist")
+        for candidate in (str(value).rstrip("/"), storage.join(value, "pairs")):
+            if storage.is_dir(candidate) and not storage.is_complete(candidate):
+                raise ConfigError(f"{key}='{value}': {candidate} is being written, or its last write failed "
+                                  "half-way; wait for the job that writes it, or run it again")
         raise ConfigError(f"{key}='{value}' holds no AesRecon pair shards (part-*.parquet), nor does its pairs/ folder")
     folder = Path(value).expanduser()
     for candidate in (folder, folder / "pairs"):

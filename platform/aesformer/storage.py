@@ -7,8 +7,10 @@ helpers here, which take either kind of location: ``join``, ``exists``,
 ``remove``, ``write_dir`` (a folder built locally, then put in place),
 ``upload``/``download`` (a folder between a local staging folder and the
 location) and :class:`Appender` (a JSON-lines log). A write to a URI
-appears whole or not at all (one object per file); a folder is complete
-when the file that marks it (a checkpoint's state file) is there.
+appears whole or not at all: a file is one object, and a folder written with
+``write_dir`` is marked complete by its manifest, written last (readers skip
+a folder whose write is under way or failed: :func:`folder_files`). A
+checkpoint folder is complete when its state file is there.
 
 A model or checkpoint at a URI is read through :func:`local_copy`: each node
 downloads it once into its own cache (``AESFORMER_MODEL_CACHE``, default
@@ -29,6 +31,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +40,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Optional, Union
 
 from aesformer.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _alive_nodes(ray) -> list[dict]:
@@ -302,7 +307,7 @@ def listdir(location: Location) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted({PurePosixPath(i.path).name for i in infos})
+    return sorted({PurePosixPath(i.path).name for i in infos} - set(MARKERS))
 
 
 def glob(location: Location, pattern: str) -> list[str]:
@@ -368,8 +373,9 @@ def upload(local: Location, location: Location) -> str:
     return str(location)
 
 
-def download(location: Location, local: Location) -> Path:
-    """Copy the folder (or file) at ``location`` to the local path ``local``."""
+def download(location: Location, local: Location, only: Optional[list[str]] = None) -> Path:
+    """Copy the folder (or file) at ``location`` to the local path ``local``;
+    ``only``: just these files of the folder (paths relative to it)."""
     import pyarrow.fs as pafs
 
     local = _local(local)
@@ -385,6 +391,9 @@ def download(location: Location, local: Location) -> Path:
     fs, path = filesystem(location)
     if fs.get_file_info(path).type == pafs.FileType.File:
         files = [(path, local)]
+    elif only is not None:
+        files = [(f"{path}/{rel}", local / rel) for rel in only]
+        local.mkdir(parents=True, exist_ok=True)
     else:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         files = [(i.path, local / i.path[len(path):].lstrip("/")) for i in infos if i.type == pafs.FileType.File]
@@ -401,19 +410,150 @@ def download(location: Location, local: Location) -> Path:
     return local
 
 
+# -- folders at a URI: complete or not there -----------------------------------------------
+#
+# An object store writes one object at a time, so a folder written there is
+# marked. write_dir uploads the new folder under a hidden sibling
+# (``.<name>.tmp-<token>``), which no reader looks at; only then does it put
+# the marker of a write in progress in the folder, replace the folder's files
+# with the uploaded ones (copies inside the store) and write the folder's
+# manifest, the marker of a complete folder, last, before it takes the first
+# marker away. A reader (local_copy, the dataset finders, checkpoint
+# discovery) sees a folder with the manifest as exactly the files it lists, a
+# folder with the marker of a write in progress as not there, and a folder
+# with neither marker (one the project did not write, such as a user's model)
+# as everything in it. A write that fails before the swap leaves the previous
+# folder as it was; one that dies during the swap leaves a folder no reader
+# uses until the next write of it, which also removes the leftovers.
+
+COMPLETE = ".aesformer-complete"  # the manifest: {"files": {path: size}, "token", "written_at"}
+WRITING = ".aesformer-writing"    # a write of the folder is under way (or died)
+MARKERS = (COMPLETE, WRITING)
+
+
+class IncompleteFolder(FileNotFoundError):
+    """A folder at a URI that is being written, or whose write failed: nothing in it is read."""
+
+
+def _staging_prefix(location: str) -> str:
+    return f".{name(location)}.tmp-"
+
+
+def folder_files(location: Location) -> Optional[dict[str, int]]:
+    """What a reader may take from the folder at ``location``: {path relative
+    to it: size} when :func:`write_dir` wrote it (its manifest), None for a
+    local folder or a folder at a URI the project did not write (all of it).
+    Raises :class:`IncompleteFolder` while a write of it is under way or
+    after one failed half-way."""
+    if not is_uri(location):
+        return None
+    manifest = _manifest(location)
+    if manifest is None:
+        return None
+    return {str(k): int(v) for k, v in manifest["files"].items()}
+
+
+def _manifest(location: Location) -> Optional[dict]:
+    """The folder's manifest; None when it has no markers; IncompleteFolder."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    complete, writing = fs.get_file_info([f"{path}/{COMPLETE}", f"{path}/{WRITING}"])
+    if writing.type != pafs.FileType.NotFound:
+        raise IncompleteFolder(f"{location} is being written, or its last write failed half-way (it holds "
+                               f"{WRITING}); nothing in it is read until a write of it completes")
+    if complete.type == pafs.FileType.NotFound:
+        return None
+    try:
+        manifest = json.loads(read_text(join(location, COMPLETE)))
+        manifest["files"] = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IncompleteFolder(f"{location}: its manifest {COMPLETE} does not read ({e})") from None
+    return manifest
+
+
+def is_complete(location: Location) -> bool:
+    """True when the folder exists and is not a folder being written (or whose write failed)."""
+    try:
+        folder_files(location)
+    except IncompleteFolder:
+        return False
+    return is_dir(location)
+
+
+def _files_of(folder: Path) -> dict[str, int]:
+    return {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name not in MARKERS}
+
+
+def _clear(location: str, keep: tuple[str, ...] = ()) -> None:
+    """Delete everything under the folder at a URI but the entries named in ``keep``."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        entry = PurePosixPath(info.path).name
+        if entry in keep:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+
+
 def write_dir(location: Location, write: Callable[[Path], Any]) -> str:
     """Run ``write(folder)`` on a fresh local folder, then put it in place of
-    ``location``: an atomic swap on a local disk; at a URI the old folder's
-    files are removed and the new ones uploaded. Returns the location."""
+    ``location``: an atomic swap on a local disk; at a URI a staged upload,
+    a swap and the manifest last (see above), so that readers see the old
+    folder or the new one, never part of one. Returns the location."""
     if not is_uri(location):
         from aesformer.atomic import write_dir as write_local
 
         return str(write_local(_local(location), write))
+    given, location = str(location), str(location).rstrip("/")
+    up = parent(location)
+    # leftovers of writes of this folder that died (a folder has one writer at a time)
+    for entry in listdir(up):
+        if entry.startswith(_staging_prefix(location)):
+            remove(join(up, entry))
+    token = uuid.uuid4().hex[:12]
+    staged = join(up, _staging_prefix(location) + token)
     with tempfile.TemporaryDirectory(prefix="aesformer-upload-") as tmp:
-        write(Path(tmp))
-        remove(location)
-        upload(tmp, location)
-    return str(location)
+        local = Path(tmp)
+        write(local)
+        files = _files_of(local)
+        try:
+            upload(local, staged)
+            _swap(location, staged, local, files, token)
+        finally:
+            try:
+                remove(staged)
+            except OSError as e:  # a leftover the next write of this folder removes
+                log.warning("could not remove the staging folder %s: %s", staged, e)
+    return given
+
+
+def _swap(location: str, staged: str, local: Path, files: dict[str, int], token: str) -> None:
+    """Put the uploaded folder ``staged`` in place of ``location``."""
+    import time
+
+    write_json(join(location, WRITING), {"token": token, "since": time.time()})
+    _clear(location, keep=(WRITING,))
+    fs, src = filesystem(staged)
+    _, dst = filesystem(location)
+
+    def put(rel: str):
+        def job():
+            try:
+                fs.copy_file(f"{src}/{rel}", f"{dst}/{rel}")  # inside the store
+            except OSError:  # e.g. an object above the store's limit for one copy: upload it again
+                with open(local / rel, "rb") as f_in, fs.open_output_stream(f"{dst}/{rel}") as f_out:
+                    _copy_stream(f_in, f_out)
+        return job
+
+    _parallel([put(rel) for rel in files])
+    write_json(join(location, COMPLETE), {"files": files, "token": token, "written_at": time.time()})
+    remove(join(location, WRITING))
 
 
 def ray_train_storage(location: Location) -> tuple[dict, Callable[[str], str]]:
@@ -446,7 +586,8 @@ def local_copy(location: Location, cache: Optional[Location] = None) -> str:
     """A local path holding ``location``'s folder: the path itself when local;
     for a URI, a copy in this node's cache (``cache``, default
     :func:`model_cache`), downloaded once per content (a changed folder
-    downloads again)."""
+    downloads again). A folder :func:`write_dir` wrote is copied as its
+    manifest lists it; one being written raises :class:`IncompleteFolder`."""
     if not is_uri(location):
         return str(location)
     from filelock import FileLock
@@ -457,16 +598,32 @@ def local_copy(location: Location, cache: Optional[Location] = None) -> str:
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
     cache = Path(cache).expanduser() if cache is not None else model_cache()
     cache.mkdir(parents=True, exist_ok=True)
-    final = cache / f"{name(uri) or 'root'}-{key}-{_fingerprint(uri)}"
-    with FileLock(str(final) + ".lock"):
-        if not final.is_dir():
+    for _ in range(3):
+        manifest = _manifest(uri)
+        if manifest is None:
+            content = _fingerprint(uri)
+        else:
+            content = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        final = cache / f"{name(uri) or 'root'}-{key}-{content}"
+        with FileLock(str(final) + ".lock"):
+            if final.is_dir():
+                return str(final)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
             try:
-                download(uri, tmp / "d")
-                os.replace(tmp / "d", final)
+                try:
+                    download(uri, tmp / "d", None if manifest is None else sorted(manifest["files"]))
+                    again = _manifest(uri)
+                except OSError:  # a file went: the folder is being written again
+                    if manifest is None:
+                        raise
+                    again = {}
+                if manifest is None or again == manifest:  # nobody rewrote it meanwhile
+                    os.replace(tmp / "d", final)
+                    return str(final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
+        log.warning("%s was rewritten while it was being copied; copying it again", uri)
+    raise IncompleteFolder(f"{uri} kept changing while it was being copied (3 tries)")
 
 
 def staging(location: Location) -> Path:
