@@ -111,6 +111,7 @@ def main(argv: list[str]) -> dict:
             peer = arg.split("=", 1)[1]
         else:
             extra.append(arg)
+    load_before = os.getloadavg()
     if peer is not None:
         check_peer(peer)  # before anything is built
         extra.append(PEER_REWARD)  # Rf only on both sides: no judge model
@@ -160,6 +161,8 @@ def main(argv: list[str]) -> dict:
     }
     if transfer is not None:
         out["transfer"] = transfer
+    out["load_avg_1m"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2),
+                          "cores": os.cpu_count()}
     if peer_out is not None:
         out["response_length_mean"] = round(med("response_length_mean"), 1)
         out["peer"] = peer_out

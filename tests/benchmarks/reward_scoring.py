@@ -13,9 +13,11 @@ loaded:
     sample, one for Ra (the alignment request) and one for Rc (the creativity
     request), each call one request, greedy, ``max_tokens`` new tokens.
 
-It prints one JSON line: the median time of each (over ``repeats`` runs),
-per component (Ra, Rc, and Rf for ours), ``release_over_ours`` (goal >= 3)
-and the judge's prompt tokens. The judge defaults to a random Qwen3-VL of
+It prints one JSON line: the median time of each (over ``repeats`` runs,
+the two interleaved), per component (Ra, Rc, and Rf for ours),
+``release_over_ours`` (goal >= 3), the judge's prompt tokens, and ours again
+with the engine's batches cut to one request (``ours_unbatched_s``: what
+batching the judge's forward passes gains on this machine). The judge defaults to a random Qwen3-VL of
 the size grpo_step.py's policy has (``small_policy``); ``judge=<path>`` (or
 ``judge=tiny:judge``) uses another. The judge's settings (prompts, the text
 it reads, the photo's size) are the job's tiny profile.
@@ -153,15 +155,26 @@ def main(argv: list[str]) -> dict:
             return {"ra": timed(lambda: [engine.generate([r], greedy) for r in align]),
                     "rc": timed(lambda: [engine.generate([r], greedy) for r in create])}
 
-        worker.score(items[:2])  # warm-up (allocator, first-call paths), not timed
+        def unbatched() -> float:
+            # the same scoring with the engine's batches cut to one request (where batching helps)
+            size, engine.batch_size = engine.batch_size, 1
+            try:
+                return timed(lambda: worker.score(items))
+            finally:
+                engine.batch_size = size
+
+        load_before = os.getloadavg()
+        worker.score(items)  # warm-up (allocator, first-call paths), not timed
         engine.generate([align[0]], greedy)
-        runs = {"ours": [], "ours_parts": [], "release": []}
+        engine.generate([create[0]], greedy)
+        runs = {"ours": [], "ours_parts": [], "ours_unbatched": [], "release": []}
         scores = None
-        for _ in range(opts["repeats"]):
+        for _ in range(opts["repeats"]):  # interleaved, so a change in the machine's load hits both
             t = time.perf_counter()
             scores = worker.score(items)
             runs["ours"].append(time.perf_counter() - t)
             runs["ours_parts"].append(ours_parts())
+            runs["ours_unbatched"].append(unbatched())
             runs["release"].append(release_parts())
         med = statistics.median
         ours = med(runs["ours"])
@@ -175,6 +188,7 @@ def main(argv: list[str]) -> dict:
             "score_token_ids": score_ids,
             "ours_s": round(ours, 4),
             "ours_parts_s": {k: round(med(r[k] for r in runs["ours_parts"]), 4) for k in ("rf", "ra", "rc")},
+            "ours_unbatched_s": round(med(runs["ours_unbatched"]), 4), "judge_batch_size": engine.batch_size,
             "release_s": round(release, 4),
             "release_parts_s": {k: round(v, 4) for k, v in release_parts_s.items()},
             "release_calls": 2 * len(items), "release_max_tokens": opts["max_tokens"],
@@ -186,6 +200,8 @@ def main(argv: list[str]) -> dict:
                             "max": max(plan_tokens)},
             "rewards_mean": {k: round(statistics.mean(scores[k]), 4) for k in ("rf", "ra", "rc", "reward")},
         }
+        out["load_avg_1m"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2),
+                              "cores": os.cpu_count()}
         out["ok"] = bool(out["release_over_ours"] and out["release_over_ours"] >= GOAL)
     print(json.dumps(out))
     return out
