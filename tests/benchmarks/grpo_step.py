@@ -133,6 +133,7 @@ def main(argv: list[str]) -> dict:
             transfer = transfer_and_async(cfg, records, ["profile=tiny"] + args, tmp) if peer is None else None
         finally:
             ray.shutdown()
+        load_after_ours = os.getloadavg()
         # the peer runs after our pools are gone, so both have the machine to themselves
         peer_out = trl_peer(cfg, policy, steps, tmp) if peer is not None else None
     measured = records[1:] if len(records) > 1 else records  # the first step warms the caches up
@@ -163,6 +164,8 @@ def main(argv: list[str]) -> dict:
         out["transfer"] = transfer
     out["load_avg_1m"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2),
                           "cores": os.cpu_count()}
+    if peer_out is not None:
+        out["load_avg_1m"]["after_ours"] = round(load_after_ours[0], 2)
     if peer_out is not None:
         out["response_length_mean"] = round(med("response_length_mean"), 1)
         out["peer"] = peer_out
@@ -268,6 +271,7 @@ def trl_peer(cfg, policy: str, steps: int, tmp: Path) -> dict:
         spec_path = folder / "spec.json"
         spec_path.write_text(json.dumps({**spec, "threads": threads, "output": str(folder)}))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        load_before = os.getloadavg()
         with open(folder / "log.txt", "w") as log:
             proc = subprocess.run([sys.executable, __file__, f"_trl_worker={spec_path}"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, timeout=PEER_TIMEOUT_S)
@@ -280,6 +284,7 @@ def trl_peer(cfg, policy: str, steps: int, tmp: Path) -> dict:
         out["prompt_tokens_equal"] = got.pop("prompt_tokens_equal")
         out["pixel_values_equal"] = got.pop("pixel_values_equal")
         out["prompt_tokens"] = got.pop("prompt_tokens")
+        got["load_avg_1m"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
         out["threads"][str(threads)] = got
     return out
 
