@@ -166,7 +166,6 @@ def main(argv: list[str]) -> dict:
                           "cores": os.cpu_count()}
     if peer_out is not None:
         out["load_avg_1m"]["after_ours"] = round(load_after_ours[0], 2)
-    if peer_out is not None:
         out["response_length_mean"] = round(med("response_length_mean"), 1)
         out["peer"] = peer_out
         best = min(t["step_s"] for t in peer_out["threads"].values())
@@ -261,6 +260,9 @@ def trl_peer(cfg, policy: str, steps: int, tmp: Path) -> dict:
         "grad_accum": group // ln.micro_batch, "freeze_vision": ln.freeze_vision,
         "gradient_checkpointing": ln.gradient_checkpointing, "format": cfg.reward.format,
     }
+    if cfg.prompts_per_update != cfg.prompts_per_step:
+        raise SystemExit("peer=trl compares one update per rollout batch: leave prompts_per_update equal to "
+                         f"prompts_per_step ({cfg.prompts_per_step})")
     if group % ln.micro_batch:
         raise SystemExit(f"peer=trl: the step's {group} samples are not a whole number of micro-batches of "
                          f"{ln.micro_batch}")
