@@ -125,6 +125,7 @@ def main(argv: list[str]) -> dict:
                 "learner.micro_batch=5"] + extra
         cfg = load_config(GrpoAConfig, "grpo_a", ["profile=tiny"] + args)
         Path(cfg.output).mkdir(parents=True)
+        spec = peer_spec(cfg, policy, steps) if peer is not None else None
         ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": worker_env()}, log_to_driver=False)
         try:
@@ -135,7 +136,7 @@ def main(argv: list[str]) -> dict:
             ray.shutdown()
         load_after_ours = os.getloadavg()
         # the peer runs after our pools are gone, so both have the machine to themselves
-        peer_out = trl_peer(cfg, policy, steps, tmp) if peer is not None else None
+        peer_out = trl_peer(spec, tmp) if peer is not None else None
     measured = records[1:] if len(records) > 1 else records  # the first step warms the caches up
     med = lambda key: statistics.median(r.get(key, 0.0) for r in measured)  # noqa: E731
     step = med("time/step")
@@ -242,11 +243,8 @@ def check_peer(peer: str) -> None:
                          f"{TRL_INSTALL}")
 
 
-def trl_peer(cfg, policy: str, steps: int, tmp: Path) -> dict:
-    """TRL's GRPOTrainer with our run's settings, once per thread count, each
-    in its own process (thread settings do not leak between runs)."""
-    import subprocess
-
+def peer_spec(cfg, policy: str, steps: int) -> dict:
+    """Our run's settings as the TRL run takes them (checked before either runs)."""
     from aesformer.actions import thinker_instruction
 
     ro, ln = cfg.rollout, cfg.learner
@@ -266,6 +264,14 @@ def trl_peer(cfg, policy: str, steps: int, tmp: Path) -> dict:
     if group % ln.micro_batch:
         raise SystemExit(f"peer=trl: the step's {group} samples are not a whole number of micro-batches of "
                          f"{ln.micro_batch}")
+    return spec
+
+
+def trl_peer(spec: dict, tmp: Path) -> dict:
+    """TRL's GRPOTrainer with our run's settings, once per thread count, each
+    in its own process (thread settings do not leak between runs)."""
+    import subprocess
+
     out: dict = {"name": "trl", "threads": {}}
     for threads in PEER_THREADS:
         folder = tmp / f"trl-{threads}"
@@ -275,7 +281,7 @@ def trl_peer(cfg, policy: str, steps: int, tmp: Path) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         load_before = os.getloadavg()
         with open(folder / "log.txt", "w") as log:
-            proc = subprocess.run([sys.executable, __file__, f"_trl_worker={spec_path}"], env=env, stdout=log,
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"_trl_worker={spec_path}"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, timeout=PEER_TIMEOUT_S)
         result = folder / "result.json"
         if proc.returncode != 0 or not result.exists():
