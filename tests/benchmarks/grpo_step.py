@@ -281,8 +281,8 @@ def trl_peer(spec: dict, tmp: Path) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         load_before = os.getloadavg()
         with open(folder / "log.txt", "w") as log:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"_trl_worker={spec_path}"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=PEER_TIMEOUT_S)
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"_trl_worker={spec_path}"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=PEER_TIMEOUT_S)
         result = folder / "result.json"
         if proc.returncode != 0 or not result.exists():
             tail = (folder / "log.txt").read_text()[-3000:]
