@@ -13,10 +13,10 @@ from aesformer.cluster import use_worker_threads
 @ray.remote
 class ReferenceWorker:
     def __init__(self, model_path: str, dtype: str = "float32", device: Optional[str] = None,
-                 micro_batch: int = 8, max_pixels: Optional[int] = None):
+                 micro_batch: int = 8, max_pixels: Optional[int] = None, threads: Optional[int] = None):
         import torch
 
-        use_worker_threads()
+        use_worker_threads(threads)
         from aesformer.models import load_vlm
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -79,8 +79,16 @@ class RewardWorker:
         if wc != 0:
             from aesformer.actors.images import resolve_items
 
+            from aesformer.rewards import shrink_image
+
             items = resolve_items(items)  # the photos arrive as object-store references
-            requests = [creativity_request(self.prompts, it["text"], it["image"], self.judge_text, self.image_max_side)
+            # each photo shrunk once for its group: the same image object lets the judge run the
+            # plans' common opening (photo and instructions) once
+            shrunk: dict[int, object] = {}
+            for it in items:
+                if id(it["image"]) not in shrunk:
+                    shrunk[id(it["image"])] = shrink_image(it["image"], self.image_max_side)
+            requests = [creativity_request(self.prompts, it["text"], shrunk[id(it["image"])], self.judge_text, None)
                         for it in items]
             rc = [float(x) for x in expected_score(self.judge.score_tokens(requests, self.score_ids))]
         reward = [float(combine(f, a, c, self.weights)) for f, a, c in zip(rf, ra, rc)]

@@ -34,7 +34,8 @@ def engine_options(kind: str, options: Optional[dict]) -> dict:
 @ray.remote
 class RolloutWorker:
     def __init__(self, engine_kind: str, model_path: str, options: Optional[dict] = None):
-        use_worker_threads()
+        options = dict(options or {})
+        use_worker_threads(options.pop("threads", None))
         from aesformer.engines import make_engine, resolve_engine_kind
 
         self.kind = resolve_engine_kind(engine_kind)

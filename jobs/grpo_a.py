@@ -77,6 +77,7 @@ class RolloutConfig:
     min_pixels: Optional[int] = 262144  # the photo is scaled into [min_pixels, max_pixels] (the released range)
     max_pixels: int = 4194304
     chunk_prompts: int = 8  # prompts per generate call; scoring starts as each chunk finishes
+    threads: Optional[int] = None  # torch threads per actor on CPU (0: every core); null: ray.worker_threads
     resources: dict = field(default_factory=dict)  # custom resources per actor, e.g. {node_b: 1} pins it
     # one-step-off-policy: step k+1's rollout runs while the learner updates on step k
     # (its samples come from the weights before that update; the ratio uses their own log-probs)
@@ -111,6 +112,7 @@ class ReferenceConfig:
     cpus_per_actor: float = 2.0
     dtype: str = "bfloat16"
     micro_batch: int = 8
+    threads: Optional[int] = None  # torch threads per actor on CPU (0: every core); null: ray.worker_threads
     resources: dict = field(default_factory=dict)
 
 
@@ -455,7 +457,7 @@ class Trainer:
         max_len = ro.max_prompt_tokens + ro.max_tokens
         rollout_opts = dict(dtype=ro.dtype, max_pixels=ro.max_pixels, tensor_parallel_size=ro.tensor_parallel,
                             gpu_memory_utilization=ro.gpu_memory_utilization, max_model_len=max_len,
-                            seed=cfg.seed)
+                            seed=cfg.seed, threads=ro.threads)
         self.rollout = ResilientPool(f"{self.tag}-rollout", RolloutWorker, ro.actors,
                                  {"CPU": ro.cpus_per_actor, "GPU": ro.gpus_per_actor, **ro.resources},
                                  lambda i: (ro.engine, policy, rollout_opts), on_start=self._rejoin,
@@ -478,7 +480,7 @@ class Trainer:
             self.reference = ResilientPool(f"{self.tag}-reference", ReferenceWorker, ref.actors,
                                        {"CPU": ref.cpus_per_actor, "GPU": ref.gpus_per_actor, **ref.resources},
                                        lambda i: (policy, ref.dtype if ref.gpus_per_actor else "float32", None,
-                                                  ref.micro_batch, ro.max_pixels), **timeouts)
+                                                  ref.micro_batch, ro.max_pixels, ref.threads), **timeouts)
             self.pools.append(self.reference)
 
     def _start_learner(self) -> None:

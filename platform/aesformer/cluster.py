@@ -32,11 +32,15 @@ def worker_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
-def use_worker_threads() -> None:
-    """Give torch in this process the thread count :func:`worker_env` set."""
+def use_worker_threads(threads: Optional[int] = None) -> None:
+    """Give torch in this process ``threads`` threads (0: one per core of
+    the node, for a process that has the machine to itself while it works),
+    by default the count :func:`worker_env` set."""
     import torch
 
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if threads == 0:
+        threads = os.cpu_count() or 1
+    torch.set_num_threads(max(1, int(threads or os.environ.get("OMP_NUM_THREADS", "1"))))
 
 
 def _package_is_installed() -> bool:

@@ -22,12 +22,18 @@ from typing import Any, Optional, Sequence
 
 # A batch's padded cost (rows x longest) may exceed its rows' own tokens by this fraction
 PADDING_SLACK = 0.25
+# Tokens of one batch: past this, a batch of long rows gains nothing from its
+# size (a forward pass is compute-bound) and its attention scores, which a
+# padding mask makes the kernel hold in memory, only cost
+BATCH_TOKENS = 2048
 
 
-def length_buckets(lengths: Sequence[int], max_batch: int, slack: float = PADDING_SLACK) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into batches of at most ``max_batch``,
-    by length, so that each batch's padded cost (size x its longest) is at
-    most ``1 + slack`` times the sum of its lengths. Order within the result:
+def length_buckets(lengths: Sequence[int], max_batch: int, slack: float = PADDING_SLACK,
+                   max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into batches of at most ``max_batch``
+    rows and ``max_tokens`` padded tokens (a longer row alone), by length, so
+    that each batch's padded cost (size x its longest) is at most
+    ``1 + slack`` times the sum of its lengths. Order within the result:
     shortest first."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out: list[list[int]] = []
@@ -35,7 +41,8 @@ def length_buckets(lengths: Sequence[int], max_batch: int, slack: float = PADDIN
     total = 0
     for i in order:
         n = max(1, int(lengths[i]))
-        if current and (len(current) >= max_batch or (len(current) + 1) * n > (1 + slack) * (total + n)):
+        size = len(current) + 1
+        if current and (size > max_batch or size * n > (1 + slack) * (total + n) or size * n > max_tokens):
             out.append(current)
             current, total = [], 0
         current.append(i)

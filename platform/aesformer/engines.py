@@ -496,7 +496,8 @@ def _shared_openings(encs: Sequence[Mapping[str, Any]], image_keys: Sequence[tup
             q = min(common(first, ids), len(ids) - 1, shared)
             floor = max(MIN_SHARED_OPENING, vision_end(encs[members[0]]))
             # join while the opening stays long: a group's plans share instructions, photo and reference
-            if image_keys[i] == image_keys[members[0]] and q >= floor and q >= shared - max(8, shared // 10):
+            alone = len(members) == 1  # its opening is not set yet: the whole request
+            if image_keys[i] == image_keys[members[0]] and q >= floor and (alone or q >= shared - max(8, shared // 10)):
                 groups[-1] = (members + [i], q)
                 continue
         groups.append(([i], len(ids) - 1))

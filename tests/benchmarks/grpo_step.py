@@ -43,6 +43,12 @@ TRL's median step per thread count, its phase times (from TRL's own
 profiling timers), whether its prompt tokens and pixels equal ours, and
 ``ours_over_trl_best`` (our median step over TRL's best; goal <= 0.8). Peer
 mode skips the ``rollout.async`` run (``transfer`` is absent) to save time.
+Our pools are laid out as the tiny profile lays them for the machine: the
+local Ray gets the machine's cores, one rollout actor generates the step's 4
+prompts in one call on every core (every sample of the step decodes in one
+batch), the reference then scores them on every core (the reward pool has no
+judge to run here), and each of the two learner ranks trains on its 10
+samples in one pass; TRL, one process, takes its 20 samples in one pass too.
 TRL is not a dependency of the project: install it to compare
 (``pip install -c constraints.txt trl==1.16.0``).
 
@@ -121,12 +127,12 @@ def main(argv: list[str]) -> dict:
         data = sample_aesrecon(tmp / "data", 12, 0, test_fraction=0.25, job="grpo_a")
         args = [f"output={tmp / 'run'}", f"data={data}", f"init={policy}", f"steps={steps}",
                 "prompts_per_step=4", "prompts_per_update=4", "val_every=0", "checkpoint_every=0",
-                "export_model=false", "rollout.actors=2", "rollout.chunk_prompts=1", "rollout.max_tokens=64",
-                "learner.micro_batch=5"] + extra
+                "export_model=false", "rollout.chunk_prompts=4", "rollout.max_tokens=64",
+                "learner.micro_batch=10", "reference.threads=0"] + extra
         cfg = load_config(GrpoAConfig, "grpo_a", ["profile=tiny"] + args)
         Path(cfg.output).mkdir(parents=True)
         spec = peer_spec(cfg, policy, steps) if peer is not None else None
-        ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": worker_env()}, log_to_driver=False)
         try:
             run(cfg)
@@ -201,7 +207,7 @@ def transfer_and_async(cfg, records: list[dict], args: list[str], tmp: Path) -> 
     sync_step, async_step = med(measured, "time/step"), med(ameasured, "time/step")
     return {
         "pools": {"rollout": cfg.rollout.actors, "reward": cfg.reward.actors, "reference": cfg.reference.actors,
-                  "learner_workers": cfg.learner.workers, "ray_cpus": 8, "machine_cores": os.cpu_count()},
+                  "learner_workers": cfg.learner.workers, "ray_cpus": os.cpu_count(), "machine_cores": os.cpu_count()},
         "weight_sync_s": round(sync_s, 4), "raw_copy_s": round(raw_s, 5),
         "sync_over_raw_copy": round(sync_s / raw_s, 2) if raw_s else None, "sync_over_raw_copy_goal": 1.2,
         "sync_phase_s": round(phase_s, 4), "sync_phase_over_raw_copy": round(phase_s / raw_s, 2) if raw_s else None,
@@ -254,16 +260,14 @@ def peer_spec(cfg, policy: str, steps: int) -> dict:
         "pixels": [ro.min_pixels, ro.max_pixels], "steps": steps, "prompts_per_step": cfg.prompts_per_step,
         "n": ro.n, "max_tokens": ro.max_tokens, "temperature": ro.temperature, "top_p": ro.top_p,
         "lr": ln.lr, "weight_decay": ln.weight_decay, "grad_clip": ln.grad_clip, "kl_coef": ln.kl_coef,
-        "clip_low": ln.clip_ratio_low, "clip_high": ln.clip_ratio_high, "micro_batch": ln.micro_batch,
-        "grad_accum": group // ln.micro_batch, "freeze_vision": ln.freeze_vision,
+        "clip_low": ln.clip_ratio_low, "clip_high": ln.clip_ratio_high,
+        # one process holds the whole step: TRL's best is one pass over its 20 samples
+        "micro_batch": group, "grad_accum": 1, "freeze_vision": ln.freeze_vision,
         "gradient_checkpointing": ln.gradient_checkpointing, "format": cfg.reward.format,
     }
     if cfg.prompts_per_update != cfg.prompts_per_step:
         raise SystemExit("peer=trl compares one update per rollout batch: leave prompts_per_update equal to "
                          f"prompts_per_step ({cfg.prompts_per_step})")
-    if group % ln.micro_batch:
-        raise SystemExit(f"peer=trl: the step's {group} samples are not a whole number of micro-batches of "
-                         f"{ln.micro_batch}")
     return spec
 
 

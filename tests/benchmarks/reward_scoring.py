@@ -23,6 +23,11 @@ the size grpo_step.py's policy has (``small_policy``); ``judge=<path>`` (or
 it reads, the photo's size) are the job's tiny profile.
 
     python tests/benchmarks/reward_scoring.py [prompts=4] [n=5] [repeats=3] [max_tokens=4] [judge=<path>]
+        [prompt_set=default|plan_last|<file>]
+
+``prompt_set=plan_last`` judges with the same words ordered so that what a
+group's plans share (reference, rubric, photo) comes before the plan: the
+opening then runs once per group. Both ways of scoring read the same prompts.
 """
 from __future__ import annotations
 
@@ -97,18 +102,19 @@ def main(argv: list[str]) -> dict:
     from aesformer.rewards import alignment_request, creativity_request
     from aesformer.synth import sample_aesrecon
 
-    opts = {"prompts": 4, "n": 5, "repeats": 3, "max_tokens": 4, "judge": None}
+    opts = {"prompts": 4, "n": 5, "repeats": 3, "max_tokens": 4, "judge": None, "prompt_set": None}
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in opts or not _:
             raise SystemExit(f"unknown argument '{arg}'; known: {', '.join(f'{k}=' for k in opts)}")
-        opts[key] = value if key == "judge" else int(value)
+        opts[key] = value if key in ("judge", "prompt_set") else int(value)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:
         tmp = Path(tmp)
         judge = resolve_model(opts["judge"], config_key="judge") if opts["judge"] else small_policy(tmp / "judge")
         data = sample_aesrecon(tmp / "data", 3 * opts["prompts"], 0, test_fraction=0.25, job="grpo_a")
-        cfg = load_config(GrpoAConfig, "grpo_a", ["profile=tiny", f"data={data}", f"output={tmp / 'run'}"])
+        cfg = load_config(GrpoAConfig, "grpo_a", ["profile=tiny", f"data={data}", f"output={tmp / 'run'}"]
+                          + ([f"reward.prompts={opts['prompt_set']}"] if opts["prompt_set"] else []))
         rw, ro = cfg.reward, cfg.rollout
         items = step_items(data, opts["prompts"], opts["n"], cfg.seed, thinker_instruction(cfg.instruction),
                            (ro.min_pixels, ro.max_pixels))
@@ -183,6 +189,7 @@ def main(argv: list[str]) -> dict:
         out = {
             "benchmark": "reward_scoring",
             "judge": opts["judge"] or "small random Qwen3-VL (hidden 256, 4 text layers)",
+            "prompt_set": rw.prompts,
             "samples": len(items), "prompts": opts["prompts"], "n": opts["n"], "repeats": opts["repeats"],
             "weights": list(WEIGHTS), "torch_threads": torch.get_num_threads(),
             "score_token_ids": score_ids,
