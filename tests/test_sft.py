@@ -256,3 +256,15 @@ def test_training_rows_count_plans_in_the_split_and_take_unsplit_pairs_whole(tmp
         w.write_many(rows(None, 4))
     cfg = load_config(job.SFTConfig, "sft", [f"data={tmp_path / 'unsplit'}"])
     assert job.training_rows(cfg) == (4, None)
+
+
+def test_zero_stage_auto_keeps_a_small_policy_whole_and_shards_an_8b_one():
+    from aesformer.deepspeed_engine import choose_zero_stage, count_parameters
+    from aesformer.tiny import ensure_tiny_models
+
+    tiny = count_parameters(ensure_tiny_models()["thinker"])
+    assert 100_000 < tiny < 10_000_000
+    assert choose_zero_stage(tiny, bf16=False, world=2, rank_memory_bytes=8e9) == 2
+    # 8.8B in bf16 on 8 A40s: 35 GB of weights and gradients per rank alone
+    assert choose_zero_stage(8_800_000_000, bf16=True, world=8, rank_memory_bytes=48e9) == 3
+    assert choose_zero_stage(1_000_000_000, bf16=True, world=8, rank_memory_bytes=48e9) == 2
