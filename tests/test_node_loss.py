@@ -174,7 +174,7 @@ def test_grpo_a_places_the_pools_of_a_lost_node_again_on_the_survivor_and_finish
     assert not [r for r in result["recoveries"] if r["kind"] == "learner"]  # the learner never stopped
     replaced = [r for r in result["recoveries"] if r["kind"] == "pool"]
     assert sorted((r["pool"].rsplit("-", 1)[-1], r["actor"]) for r in replaced) == [
-        ("reference", 0), ("reward", 0), ("rollout", 0), ("rollout", 1)]
+        ("reference", 0), ("reward", 0), ("rollout", 0)]
     assert all(node_of(r["now_on"]) == "node_b" and r["steps_redone"] == 0 for r in replaced)
     assert {pool: {node_of(n) for n in where} for pool, where in records[-1]["nodes"].items()} == {
         "learner": {"node_b"}, "rollout": {"node_b"}, "reward": {"node_b"}, "reference": {"node_b"}}
@@ -281,6 +281,8 @@ def test_editor_lora_with_a_worker_node_lost_restores_the_last_checkpoint_and_fi
 # -- VCMP: a streaming Ray Data job; a lost node's pool actors and tasks are redone elsewhere --------
 
 # one video at a time through each stage, each recorded and made durable as it finishes
+# four videos: with three, a loaded machine sometimes finished all of them before the loss
+VIDEOS = 4
 VCMP = ["profile=tiny", "tracking.enabled=false", "shard_rows=4", "checkpoint_s=0", "cpu_stage_tasks=1",
         "pools.screen.batch_size=1", "pools.pairs.batch_size=1"]
 
@@ -305,7 +307,7 @@ def test_vcmp_with_a_worker_node_lost_writes_the_pairs_of_an_uninterrupted_run_o
     from aesformer.jobs.make_samples import main as make_samples
 
     videos = nodes.shared / "vcmp-node-lost-videos"
-    make_samples([f"output={videos}", "videos=3", "tracking.enabled=false"])
+    make_samples([f"output={videos}", f"videos={VIDEOS}", "tracking.enabled=false"])
     t0 = time.time()
     reference = nodes.shared / "vcmp-uninterrupted"
     proc = start_job(nodes, "jobs/vcmp.py", VCMP + [f"input={videos}", f"output={reference}"], tmp_path / "ref.log")
@@ -322,11 +324,11 @@ def test_vcmp_with_a_worker_node_lost_writes_the_pairs_of_an_uninterrupted_run_o
     at_kill = finished_videos(out)
     t_kill = time.time()
     assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
-    print(f"uninterrupted run {t_ref:.0f}s; node lost after {len(at_kill)} of 3 videos, "
+    print(f"uninterrupted run {t_ref:.0f}s; node lost after {len(at_kill)} of {VIDEOS} videos, "
           f"run done {time.time() - t_kill:.0f}s later")
 
-    assert len(at_kill) < 3  # lost mid-run, videos still in the stream
-    assert sorted(finished_videos(out)) == ["tut0000", "tut0001", "tut0002"]  # each video recorded once
+    assert len(at_kill) < VIDEOS  # lost mid-run, videos still in the stream
+    assert sorted(finished_videos(out)) == [f"tut{i:04d}" for i in range(VIDEOS)]  # each video recorded once
     want, got = vcmp_pairs(reference), vcmp_pairs(out)
     assert want and sorted(got) == sorted(want)  # none lost, none twice
     assert got == want  # the same frames
