@@ -123,7 +123,7 @@ class LearnerConfig:
     cpus_per_worker: float = 2.0
     # auto: ZeRO-2 where the weights fit a rank whole (no gathers in every pass), else ZeRO-3
     zero_stage: Any = "auto"
-    rank_memory_gb: Optional[float] = None  # a rank's device memory; null: the GPU's, or the node's RAM on CPU
+    rank_memory_gb: Optional[float] = None  # a rank's memory; null: on CPU the node's RAM shared by its ranks, on GPU unknown (ZeRO-3)
     bf16: bool = True
     lr: float = 1e-7
     weight_decay: float = 1e-2

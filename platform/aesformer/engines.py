@@ -140,6 +140,13 @@ def prepare_image(image: Any, max_pixels: Optional[int] = None):
     return cap_pixels(image.convert("RGB"), max_pixels)
 
 
+def encode_prompt(processor: Any, request: Request, max_pixels: Optional[int] = None) -> dict:
+    """The processor's tensors for one request's prompt (one row): its
+    templated text and its images capped to ``max_pixels``."""
+    images = [prepare_image(im, max_pixels) for im in request_images(request)]
+    return dict(processor(text=[prompt_text(processor, request)], images=images or None, return_tensors="pt"))
+
+
 def prompt_text(processor: Any, request: Request) -> str:
     """The chat-templated prompt, ending with the assistant's turn opening."""
     messages = [_strip_image_objects(m) for m in request_messages(request)]
@@ -215,9 +222,7 @@ def policy_inputs(processor: Any, requests: Sequence[Request], responses: Sequen
         raise ValueError(f"{len(requests)} requests but {len(responses)} responses")
     rows: list[dict] = []
     for req, resp in zip(requests, responses):
-        images = [prepare_image(im, max_pixels) for im in request_images(req)]
-        enc = processor(text=[prompt_text(processor, req)], images=images or None, return_tensors="pt")
-        rows.append({"enc": enc, "resp": [int(t) for t in resp]})
+        rows.append({"enc": encode_prompt(processor, req, max_pixels), "resp": [int(t) for t in resp]})
     seq_keys = [k for k, v in rows[0]["enc"].items()
                 if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == rows[0]["enc"]["input_ids"].shape]
     length = max(r["enc"]["input_ids"].shape[1] + len(r["resp"]) for r in rows)
@@ -327,10 +332,7 @@ def response_logprobs(model: Any, processor: Any, requests: Sequence[Request], r
 
     def encode(g: int) -> dict:
         if g not in encoded:
-            req = requests[groups[g][0]]
-            images = [prepare_image(im, max_pixels) for im in request_images(req)]
-            encoded[g] = dict(processor(text=[prompt_text(processor, req)], images=images or None,
-                                        return_tensors="pt"))
+            encoded[g] = encode_prompt(processor, requests[groups[g][0]], max_pixels)
         return encoded[g]
 
     if fixed_passes:
@@ -545,9 +547,7 @@ class HFEngine:
 
     # -- prompts: each request encoded on its own, batches built from those ---------------
     def _encode_one(self, request: Request) -> dict:
-        images = [prepare_image(im, self.max_pixels) for im in request_images(request)]
-        return dict(self.processor(text=[prompt_text(self.processor, request)], images=images or None,
-                                   return_tensors="pt"))
+        return encode_prompt(self.processor, request, self.max_pixels)
 
     def _left_padded(self, encs: Sequence[dict], length: Optional[int] = None) -> dict:
         return {k: v.to(self.device) for k, v in left_padded(encs, self.pad_id, length).items()}
