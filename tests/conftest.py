@@ -21,6 +21,23 @@ def _has_cuda() -> bool:
         return False
 
 
+def pytest_report_header(config):
+    """The machine and the numeric libraries: results that differ between
+    machines are read against these."""
+    import platform
+
+    line = f"machine: {platform.machine()}, {os.cpu_count()} cores"
+    try:
+        import torch
+        import transformers
+
+        line += (f"; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+                 f"transformers {transformers.__version__}")
+    except Exception as exc:  # the header must never stop a run
+        line += f"; torch not importable ({exc})"
+    return line
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return
