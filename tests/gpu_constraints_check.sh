@@ -15,4 +15,4 @@ python -m venv --system-site-packages "$gpu_env"
 transformers_pin="$(grep -i '^transformers==' constraints-gpu.txt)"
 "$gpu_env/bin/pip" install -c constraints-gpu.txt "$transformers_pin"
 "$gpu_env/bin/python" -c "import sys, transformers; sys.exit(transformers.__version__ != '${transformers_pin#*==}')"
-"$gpu_env/bin/python" -m pytest tests/test_engines.py tests/test_tiny_models.py
+"$gpu_env/bin/python" -m pytest tests/test_engines.py tests/test_batching.py tests/test_tiny_models.py

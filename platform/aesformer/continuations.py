@@ -17,6 +17,8 @@ prompt pass and the continuation pass.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -55,6 +57,19 @@ def length_buckets(lengths: Sequence[int], max_batch: int, slack: float = PADDIN
 def _inner(model: Any) -> Any:
     """The transformers model behind a DeepSpeed engine (or the model itself)."""
     return getattr(model, "module", model)
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which the model's forward takes a key/value cache:
+    ``cache`` from transformers 5.24 on, ``past_key_values`` before (the GPU
+    environment's pin). A name the forward does not know would be swallowed
+    by its ``**kwargs``, and every continuation would run without its prompt."""
+    return _cache_argument(type(_inner(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _device(model: Any):
@@ -140,7 +155,7 @@ def continue_pass(model: Any, state: PromptState, rows: Any, tokens: Any, token_
     mask = torch.cat([prefix, token_mask.to(prefix.dtype).to(prefix.device)], dim=1)
     positions = continuation_positions(state, rows, tokens.shape[1], start)
     out = model(input_ids=tokens.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
+                use_cache=True, logits_to_keep=logits_to_keep, **{cache_argument(model): cache})
     return out.logits, cache
 
 
