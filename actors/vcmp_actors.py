@@ -149,18 +149,35 @@ def cpu_task_args(num_cpus: float = 1.0) -> dict:
     return {"num_cpus": num_cpus}
 
 
-def segment_batch(batch, seg: Any):
-    from aesformer.vcmp.flow import segment_stage
+def decode_batch(batch, seg: Any, sample: Any, pre: Any, improvement: Any = None, niceness: int = 19):
+    """Stages 3 to 5a for each video row: its segments, then each segment's
+    sampled frames and cheap checks. One task does both, so the decoding is
+    one process per task slot rather than two, and segment rows never pass
+    through the object store. The task runs at ``niceness`` (Ray starts its
+    workers at 15; 19 is the lowest priority): under contention the model
+    stages downstream keep pace with decoding, instead of a backlog that
+    one actor works through alone at the end."""
+    from aesformer.vcmp.flow import sample_stage, segment_stage
 
-    return R.table(guarded("segment", R.rows_of(batch),
-                           lambda rows: [out for row in rows for out in segment_stage(row, seg)]))
+    _lower_priority(niceness)
+    out = []
+    for row in R.rows_of(batch):
+        segments = guarded("segment", [row], lambda rows: [o for r in rows for o in segment_stage(r, seg)])
+        out.extend(guarded("sample", segments, lambda rows: [sample_stage(r, sample, pre, improvement) for r in rows]))
+    return R.table(out)
 
 
-def sample_batch(batch, sample: Any, pre: Any, improvement: Any = None):
-    from aesformer.vcmp.flow import sample_stage
+def _lower_priority(niceness: Optional[int]) -> None:
+    """This worker process at ``niceness`` at least (never raised back)."""
+    import os
 
-    return R.table(guarded("sample", R.rows_of(batch),
-                           lambda rows: [sample_stage(row, sample, pre, improvement) for row in rows]))
+    if niceness is None:
+        return
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < niceness:
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, int(niceness)))
+    except OSError:  # a platform without priorities: run as is
+        pass
 
 
 # -- stage 5b + 6: good frames and coarse pairs ----------------------------------------------

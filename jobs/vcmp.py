@@ -74,11 +74,14 @@ class VcmpConfig(JobConfig):
     # run stages good_frame to align in one actor pool (pools.pairs) sharing one judge: on CPU
     # machines, where a pool per stage is a process and a model copy per stage
     fuse_pair_stages: bool = False
-    # CPUs per task of the CPU stages (segmentation, sampling + prefilters)
+    # CPUs per task of the CPU stage (segmentation, then sampling + prefilters, one task per video)
     cpu_stage_cpus: float = 1.0
-    # at most this many tasks of each CPU stage at once (null: as many as the CPUs allow);
+    # at most this many tasks of the CPU stage at once (null: as many as the CPUs allow);
     # bounds memory by concurrency, whatever the number of videos
     cpu_stage_tasks: Optional[int] = None
+    # the CPU stage's tasks run at this niceness (Ray's workers start at 15; 19 lowest; null:
+    # as Ray starts them), so that the model stages are not starved by decoding
+    cpu_stage_niceness: Optional[int] = 19
     # pairs per Parquet shard (a shard is the unit that becomes durable)
     shard_rows: int = 64
     # a finished video is made durable (its rows flushed, in short shards if need be) by the
@@ -173,8 +176,7 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
     import functools
 
     from aesformer.actors.vcmp_actors import (CheckAlignment, FilterGoodImages, JudgeGoodFrames, MinePairs,
-                                              RemoveOverlays, ScreenVideos, cpu_task_args, sample_batch,
-                                              segment_batch)
+                                              RemoveOverlays, ScreenVideos, cpu_task_args, decode_batch)
     from aesformer.models import resolve_model
     from aesformer.stages import model_stage
     from aesformer.vcmp import rows as R
@@ -203,9 +205,9 @@ def build_pipeline(cfg: VcmpConfig, ray, videos: list[dict]):
     dataset = pool(dataset, "screen", ScreenVideos, judge=screener, screen=cfg.screen, **screening)
     cpu = dict(ray_remote_args_fn=functools.partial(cpu_task_args, cfg.cpu_stage_cpus),
                compute=TaskPoolStrategy(size=cfg.cpu_stage_tasks), batch_size=1, batch_format="pyarrow")
-    dataset = dataset.map_batches(segment_batch, fn_kwargs={"seg": cfg.segment}, **cpu)
-    dataset = dataset.map_batches(sample_batch, fn_kwargs={"sample": cfg.sample, "pre": cfg.prefilter,
-                                                  "improvement": cfg.improvement}, **cpu)
+    dataset = dataset.map_batches(decode_batch, fn_kwargs={"seg": cfg.segment, "sample": cfg.sample, "pre": cfg.prefilter,
+                                                           "improvement": cfg.improvement,
+                                                           "niceness": cfg.cpu_stage_niceness}, **cpu)
     if cfg.fuse_pair_stages:  # one process and one judge (models.judge) for the good-frame to align stages
         return pool(dataset, "pairs", MinePairs, judge=judge, editor=editor, good=cfg.good_frame,
                     quality=cfg.quality, overlay=cfg.overlay, align=cfg.align, seed=cfg.seed,

@@ -412,3 +412,53 @@ def test_fused_pair_stages_decide_like_separate_ones(video, tiny_models):
                              for i in infos]
     assert decided(got) == decided(want)
     assert any(i.get("pairs") for i in got)
+
+
+def test_decode_task_gives_the_rows_of_segmentation_then_sampling(video):
+    """One CPU task per video (stages 3 to 5a) gives the rows the two stage
+    functions give one after the other."""
+    from aesformer.actors.vcmp_actors import decode_batch
+    from aesformer.config import load_config
+    from aesformer.jobs.vcmp import VcmpConfig
+    from aesformer.vcmp import rows as R
+    from aesformer.vcmp.flow import sample_stage, segment_stage
+    from aesformer.vcmp.ingest import probe
+
+    path, _ = video
+    cfg = load_config(VcmpConfig, "vcmp", ["input=x"])
+    row = R.new_row({"video_id": "v", "path": str(path)}, {"probe": probe(path), "screen": {"keep": True}})
+    want = [sample_stage(s, cfg.sample, cfg.prefilter, cfg.improvement) for s in segment_stage(row, cfg.segment)]
+    got = R.rows_of(decode_batch(R.table([row]), cfg.segment, cfg.sample, cfg.prefilter, cfg.improvement,
+                                 niceness=None))
+    assert len(got) == len(want) >= 2
+    assert [R.info(r) for r in got] == [R.info(r) for r in want]
+
+
+def _niceness_after(niceness, queue):
+    import os
+
+    from aesformer.actors.vcmp_actors import _lower_priority
+
+    _lower_priority(niceness)
+    queue.put(os.getpriority(os.PRIO_PROCESS, 0))
+
+
+@pytest.mark.parametrize("start,asked,expected", [(0, 19, 19), (0, None, 0), (19, 10, 19)])
+def test_decode_tasks_lower_their_priority_and_never_raise_it(start, asked, expected):
+    """A decoding worker goes to the configured niceness (Ray starts workers
+    at 15, the decode tasks ask for 19), and is never made more urgent."""
+    import multiprocessing
+    import os
+
+    def child(queue):
+        os.setpriority(os.PRIO_PROCESS, 0, start)
+        _niceness_after(asked, queue)
+
+    if os.getpriority(os.PRIO_PROCESS, 0) > start:
+        pytest.skip("this process already runs at a lower priority than the case starts from")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    proc.join(30)
+    assert queue.get(timeout=5) == expected
