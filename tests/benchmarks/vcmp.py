@@ -78,6 +78,7 @@ class PeakMemory:
         self.most_processes = 0
         self.cpu: dict[int, tuple[str, float]] = {}  # pid → (role, CPU seconds last seen)
         self.cpu_at_start: dict[int, float] = {}
+        self.roles: dict[int, tuple[str, float]] = {}  # pid → (role, when it was read)
         self._first = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -86,17 +87,31 @@ class PeakMemory:
         import psutil
 
         total, n = 0, 0
+        now = time.monotonic()
         for p in [self.me] + self.me.children(recursive=True):
             try:
                 total += p.memory_info().rss
                 t = p.cpu_times()
                 if p.pid not in self.cpu:  # processes already there at the start count from then on
                     self.cpu_at_start[p.pid] = t.user + t.system if self._first else 0.0
-                self.cpu[p.pid] = (role(p), t.user + t.system)
+                self.cpu[p.pid] = (self._role(p, now), t.user + t.system)
                 n += 1
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         return total, n
+
+    def _role(self, p, now: float) -> str:
+        """The process's role, read again at most once a second (the sampler
+        should cost the machine little); a worker keeps the role it had while
+        it ran a stage, not the idle one it has between tasks."""
+        last, seen = self.roles.get(p.pid, ("?", -1.0))
+        if now - seen < 1.0:
+            return last
+        current = role(p)
+        if current in ("worker:IDLE", "?") and last not in ("worker:IDLE", "?"):
+            current = last
+        self.roles[p.pid] = (current, now)
+        return current
 
     def _update(self) -> None:
         total, n = self.sample()
