@@ -149,7 +149,7 @@ def cpu_task_args(num_cpus: float = 1.0) -> dict:
     return {"num_cpus": num_cpus}
 
 
-def decode_batch(batch, seg: Any, sample: Any, pre: Any, improvement: Any = None, niceness: int = 19):
+def decode_batch(batch, seg: Any, sample: Any, pre: Any, improvement: Any = None, niceness: Optional[int] = 19):
     """Stages 3 to 5a for each video row: its segments, then each segment's
     sampled frames and cheap checks. One task does both, so the decoding is
     one process per task slot rather than two, and segment rows never pass
