@@ -434,12 +434,13 @@ def test_decode_task_gives_the_rows_of_segmentation_then_sampling(video):
     assert [R.info(r) for r in got] == [R.info(r) for r in want]
 
 
-def _niceness_after(niceness, queue):
+def _niceness_from(start, asked, queue):
     import os
 
     from aesformer.actors.vcmp_actors import _lower_priority
 
-    _lower_priority(niceness)
+    os.setpriority(os.PRIO_PROCESS, 0, start)
+    _lower_priority(asked)
     queue.put(os.getpriority(os.PRIO_PROCESS, 0))
 
 
@@ -450,15 +451,11 @@ def test_decode_tasks_lower_their_priority_and_never_raise_it(start, asked, expe
     import multiprocessing
     import os
 
-    def child(queue):
-        os.setpriority(os.PRIO_PROCESS, 0, start)
-        _niceness_after(asked, queue)
-
     if os.getpriority(os.PRIO_PROCESS, 0) > start:
         pytest.skip("this process already runs at a lower priority than the case starts from")
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=child, args=(queue,))
+    proc = ctx.Process(target=_niceness_from, args=(start, asked, queue))
     proc.start()
     proc.join(30)
     assert queue.get(timeout=5) == expected
